@@ -1,0 +1,24 @@
+//! flowgate: a layer-4/7 load-balancing reverse proxy for pools of
+//! workflow-engine instances.
+//!
+//! The data path, in the order a request meets it:
+//!
+//! - [`listener`]: accept loops, connection limits, allow/deny, client I/O timers,
+//!   tcp-mode sessions.
+//! - [`http`]: the hyper server side, routing, forwarding and body wrappers.
+//! - [`runtime`]: the immutable snapshot a request reads (frontends, routes,
+//!   backends), swapped whole on reload.
+//! - [`upstream`]: backends and servers (identity + live state), per-server clients.
+//! - [`balance`]: the algorithms that pick a server.
+//!
+//! Around it: [`config`] (TOML -> checked [`config::Config`]), [`supervisor`]
+//! (listener set, lifecycle), [`demo`] (built-in demo engines).
+
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod listener;
+pub mod runtime;
+pub mod supervisor;
+pub mod upstream;
