@@ -8,6 +8,7 @@
 
 mod error;
 mod reader;
+mod sections;
 mod units;
 mod validate;
 
