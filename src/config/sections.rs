@@ -476,15 +476,13 @@ fn backend(named: Named, mut r: TableReader<'_>) -> (Backend, BackendLocations) 
         (Some(field), Some(_)) => Some(field.loc()),
         _ => None,
     };
-    let balance_valid = balance_field.is_none() || balance.is_some();
     let balance = balance.unwrap_or(Balance::RoundRobin);
 
     let hash_key_field = r.get("hash_key");
     let hash_key = hash_key_field
         .as_ref()
         .and_then(|field| field.parse(parse_hash_key));
-    let factor_field = r.get("hash_balance_factor");
-    let hash_balance_factor = factor_field.as_ref().and_then(|field| {
+    let hash_balance_factor = r.get("hash_balance_factor").and_then(|field| {
         let percent = field.integer()?;
         if percent <= 100 {
             field.error(format!("must be more than 100 (percent), got {percent}"));
@@ -537,9 +535,7 @@ fn backend(named: Named, mut r: TableReader<'_>) -> (Backend, BackendLocations) 
     let locations = BackendLocations {
         name: named.loc,
         balance: balance_loc,
-        balance_valid,
         hash_key: hash_key_field.map(|field| field.loc()),
-        hash_balance_factor: factor_field.map(|field| field.loc()),
         servers: servers_field.and_then(|field| Some((field.loc(), field.array_len()?))),
         server_names,
     };
