@@ -623,6 +623,14 @@ impl<'a> Field<'a> {
     }
 
     pub(super) fn tables(&self) -> Vec<TableReader<'a>> {
+        if self.value.get_ref().is_table() {
+            // `[servers]` written for `[[servers]]`.
+            self.error(format!(
+                "expected an array of tables like [[{}]], found table",
+                self.path
+            ));
+            return Vec::new();
+        }
         self.array()
             .unwrap_or_default()
             .into_iter()

@@ -284,7 +284,7 @@ fn backend_reference(r: &mut TableReader<'_>) -> (String, Option<Loc>) {
 /// CIDRs for allow/deny; a bare address means that one host.
 fn networks(field: &Field<'_>) -> Vec<IpNet> {
     field
-        .array()
+        .one_or_many()
         .unwrap_or_default()
         .into_iter()
         .filter_map(|item| item.parse(parse_network))
@@ -672,15 +672,12 @@ fn server(mut r: TableReader<'_>) -> (Server, ServerNameLoc) {
         .and_then(|field| field.parse(server_name));
 
     let address_field = r.require("address");
-    let address = address_field
-        .as_ref()
-        .and_then(|field| field.str())
-        .unwrap_or_default()
-        .to_string();
-    let addr = match &address_field {
-        Some(field) if !address.is_empty() => field.ok(resolve(&address)),
+    let address = address_field.as_ref().and_then(|field| field.non_empty());
+    let addr = match (&address_field, address) {
+        (Some(field), Some(address)) => field.ok(resolve(address)),
         _ => None,
     };
+    let address = address.unwrap_or_default().to_string();
 
     let name_loc = match (&name_field, &address_field) {
         (Some(field), _) => ServerNameLoc {

@@ -254,6 +254,40 @@ slow_start = 5
 }
 
 #[test]
+fn empty_address_and_single_table_for_an_array() {
+    let text = MINIMAL.replace("127.0.0.1:7233", "")
+        + "\n[frontends.public.routes]\nbackend = \"engines\"\n";
+    assert_eq!(
+        errors(&text),
+        [
+            "flowgate.toml:8:11: backends.engines.servers[0].address: must not be empty",
+            "flowgate.toml:10:1: frontends.public.routes: expected an array of tables like [[frontends.public.routes]], found table",
+        ]
+    );
+}
+
+#[test]
+fn allow_takes_one_network_or_a_list() {
+    let text = MINIMAL.replace(
+        "backend = \"engines\"\n",
+        "backend = \"engines\"\nallow = \"10.0.0.0/8\"\ndeny = [\"10.0.0.1\", \"::1\"]\n",
+    );
+    let config = parsed(&text, "flowgate.toml");
+    let allow: Vec<String> = config.frontends[0]
+        .allow
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let deny: Vec<String> = config.frontends[0]
+        .deny
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(allow, ["10.0.0.0/8"]);
+    assert_eq!(deny, ["10.0.0.1/32", "::1/128"]);
+}
+
+#[test]
 fn syntax_error() {
     assert_eq!(
         errors("[global]\nthreads = \n"),
