@@ -730,6 +730,9 @@ fn resolve(text: &str) -> Result<SocketAddr, String> {
         return check_port(text, addr);
     }
     let invalid = || format!("invalid socket address {text:?}");
+    if text.chars().any(char::is_whitespace) {
+        return Err(invalid());
+    }
     let Some((host, port)) = text.rsplit_once(':') else {
         return Err(format!("missing port in {text:?}"));
     };
@@ -899,6 +902,10 @@ mod tests {
         assert_eq!(
             resolve("engine:http"),
             Err("invalid socket address \"engine:http\"".to_string())
+        );
+        assert_eq!(
+            resolve(" engine:80"),
+            Err("invalid socket address \" engine:80\"".to_string())
         );
         assert_eq!(
             resolve("::1:80"),
