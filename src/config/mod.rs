@@ -12,6 +12,9 @@ mod sections;
 mod units;
 mod validate;
 
+#[cfg(test)]
+mod tests;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

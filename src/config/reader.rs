@@ -93,13 +93,10 @@ pub(super) fn closest<'c>(
 fn edit_distance(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in rows.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for j in 0..=b.len() {
-        rows[0][j] = j;
-    }
+    // rows[i][j]: distance between the first i chars of a and the first j of b.
+    let mut rows: Vec<Vec<usize>> = (0..=a.len())
+        .map(|i| (0..=b.len()).map(|j| if i == 0 { j } else { i }).collect())
+        .collect();
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
@@ -626,6 +623,14 @@ impl<'a> Field<'a> {
     }
 
     pub(super) fn tables(&self) -> Vec<TableReader<'a>> {
+        if self.value.get_ref().is_table() {
+            // `[servers]` written for `[[servers]]`.
+            self.error(format!(
+                "expected an array of tables like [[{}]], found table",
+                self.path
+            ));
+            return Vec::new();
+        }
         self.array()
             .unwrap_or_default()
             .into_iter()

@@ -284,7 +284,7 @@ fn backend_reference(r: &mut TableReader<'_>) -> (String, Option<Loc>) {
 /// CIDRs for allow/deny; a bare address means that one host.
 fn networks(field: &Field<'_>) -> Vec<IpNet> {
     field
-        .array()
+        .one_or_many()
         .unwrap_or_default()
         .into_iter()
         .filter_map(|item| item.parse(parse_network))
@@ -476,15 +476,13 @@ fn backend(named: Named, mut r: TableReader<'_>) -> (Backend, BackendLocations) 
         (Some(field), Some(_)) => Some(field.loc()),
         _ => None,
     };
-    let balance_valid = balance_field.is_none() || balance.is_some();
     let balance = balance.unwrap_or(Balance::RoundRobin);
 
     let hash_key_field = r.get("hash_key");
     let hash_key = hash_key_field
         .as_ref()
         .and_then(|field| field.parse(parse_hash_key));
-    let factor_field = r.get("hash_balance_factor");
-    let hash_balance_factor = factor_field.as_ref().and_then(|field| {
+    let hash_balance_factor = r.get("hash_balance_factor").and_then(|field| {
         let percent = field.integer()?;
         if percent <= 100 {
             field.error(format!("must be more than 100 (percent), got {percent}"));
@@ -537,9 +535,7 @@ fn backend(named: Named, mut r: TableReader<'_>) -> (Backend, BackendLocations) 
     let locations = BackendLocations {
         name: named.loc,
         balance: balance_loc,
-        balance_valid,
         hash_key: hash_key_field.map(|field| field.loc()),
-        hash_balance_factor: factor_field.map(|field| field.loc()),
         servers: servers_field.and_then(|field| Some((field.loc(), field.array_len()?))),
         server_names,
     };
@@ -676,15 +672,12 @@ fn server(mut r: TableReader<'_>) -> (Server, ServerNameLoc) {
         .and_then(|field| field.parse(server_name));
 
     let address_field = r.require("address");
-    let address = address_field
-        .as_ref()
-        .and_then(|field| field.str())
-        .unwrap_or_default()
-        .to_string();
-    let addr = match &address_field {
-        Some(field) if !address.is_empty() => field.ok(resolve(&address)),
+    let address = address_field.as_ref().and_then(|field| field.non_empty());
+    let addr = match (&address_field, address) {
+        (Some(field), Some(address)) => field.ok(resolve(address)),
         _ => None,
     };
+    let address = address.unwrap_or_default().to_string();
 
     let name_loc = match (&name_field, &address_field) {
         (Some(field), _) => ServerNameLoc {
@@ -737,6 +730,9 @@ fn resolve(text: &str) -> Result<SocketAddr, String> {
         return check_port(text, addr);
     }
     let invalid = || format!("invalid socket address {text:?}");
+    if text.chars().any(char::is_whitespace) {
+        return Err(invalid());
+    }
     let Some((host, port)) = text.rsplit_once(':') else {
         return Err(format!("missing port in {text:?}"));
     };
@@ -906,6 +902,10 @@ mod tests {
         assert_eq!(
             resolve("engine:http"),
             Err("invalid socket address \"engine:http\"".to_string())
+        );
+        assert_eq!(
+            resolve(" engine:80"),
+            Err("invalid socket address \" engine:80\"".to_string())
         );
         assert_eq!(
             resolve("::1:80"),

@@ -46,10 +46,7 @@ pub(super) struct BackendLocations {
     pub name: Loc,
     /// `balance`, when written and valid.
     pub balance: Option<Loc>,
-    /// False when `balance` was written but invalid (already reported).
-    pub balance_valid: bool,
     pub hash_key: Option<Loc>,
-    pub hash_balance_factor: Option<Loc>,
     /// The `servers` array and how many entries it has, when it is one.
     pub servers: Option<(Loc, usize)>,
     /// One per `backend.servers` entry.
@@ -140,34 +137,15 @@ fn backend_references(config: &Config, locations: &Locations, context: &Context)
     }
 }
 
-/// `hash_key` goes with `balance = "hash"` both ways: required by it, and an
-/// error without it (a key that does nothing is most likely a mistake).
+/// `balance = "hash"` needs a `hash_key`. The reverse is allowed: with another
+/// balance, `hash_key` and `hash_balance_factor` are kept but unused, so that
+/// switching `balance` back and forth is a one-line change (the contract's own
+/// example sets `hash_key` beside `balance = "round_robin"`).
 fn balance(backend: &super::Backend, at: &BackendLocations, context: &Context) {
-    if !at.balance_valid {
-        return;
-    }
-    if backend.balance == Balance::Hash {
-        if at.hash_key.is_none() {
-            if let Some(loc) = &at.balance {
-                context.report(loc, "balance = \"hash\" needs a hash_key");
-            }
+    if backend.balance == Balance::Hash && at.hash_key.is_none() {
+        if let Some(loc) = &at.balance {
+            context.report(loc, "balance = \"hash\" needs a hash_key");
         }
-        return;
-    }
-    let balance = backend.balance.as_str();
-    if let Some(loc) = &at.hash_key {
-        context.report(
-            loc,
-            format!("hash_key is only used with balance = \"hash\" (balance is {balance:?})"),
-        );
-    }
-    if let Some(loc) = &at.hash_balance_factor {
-        context.report(
-            loc,
-            format!(
-                "hash_balance_factor is only used with balance = \"hash\" (balance is {balance:?})"
-            ),
-        );
     }
 }
 
