@@ -11,12 +11,14 @@
 //! - [`upstream`]: backends and servers (identity + live state), per-server clients.
 //! - [`balance`]: the algorithms that pick a server.
 //!
-//! Around it: [`config`] (TOML -> checked [`config::Config`]), [`supervisor`]
-//! (listener set, lifecycle), [`demo`] (built-in demo engines).
+//! Around it: [`config`] (TOML -> checked [`config::Config`]), [`health`]
+//! (active checks feeding server state), [`supervisor`] (listener set,
+//! lifecycle), [`demo`] (built-in demo engines).
 
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod http;
 pub mod listener;
 pub mod runtime;

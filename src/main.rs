@@ -140,7 +140,8 @@ async fn demo(listen: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
     let text = format!(
         "[global]\ngrace_period = \"5s\"\n\n\
          [frontends.demo]\nbind = [\"{listen}\"]\nbackend = \"engines\"\n\n\
-         [backends.engines]\nbalance = \"round_robin\"\n\n{servers}"
+         [backends.engines]\nbalance = \"round_robin\"\n\n\
+         [backends.engines.health]\ncheck = \"http\"\npath = \"/health\"\ninterval = \"1s\"\n\n{servers}"
     );
     let config = config::parse(&text, Path::new("demo.toml"))?;
     let proxy = match Proxy::start(config.clone()).await {

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::health::{self, HealthChecks};
 use crate::listener::{self, Listener, Shared};
 use crate::runtime::{Runtime, SharedRuntime};
 
@@ -51,6 +52,7 @@ pub struct Proxy {
     shared: Shared,
     listeners: Vec<BoundListener>,
     accept_loops: TaskTracker,
+    checks: HealthChecks,
     background: CancellationToken,
 }
 
@@ -76,6 +78,12 @@ impl Proxy {
                 sockets.push((frontend, socket));
             }
         }
+
+        // Every server gets its first check before the first client is accepted,
+        // so flowgate never starts with an empty pool (each check is bounded by
+        // its timeout).
+        let mut checks = HealthChecks::new();
+        health::first_checks_done(checks.sync(&runtime.load())).await;
 
         let shared = Shared {
             runtime: Arc::clone(&runtime),
@@ -123,6 +131,7 @@ impl Proxy {
             shared,
             listeners,
             accept_loops,
+            checks,
             background,
         })
     }
@@ -145,7 +154,7 @@ impl Proxy {
 
     /// Graceful stop. Returns `true` when everything in flight finished within
     /// `grace`, `false` when the rest had to be cut.
-    pub async fn shutdown(self, grace: Duration) -> bool {
+    pub async fn shutdown(mut self, grace: Duration) -> bool {
         for listener in &self.listeners {
             listener.stop.cancel();
         }
@@ -156,6 +165,7 @@ impl Proxy {
         let drained = tokio::time::timeout(grace, self.shared.tracker.wait())
             .await
             .is_ok();
+        self.checks.stop_all();
         self.background.cancel();
         if drained {
             tracing::info!("stopped: everything in flight finished");

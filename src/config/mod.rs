@@ -319,7 +319,7 @@ pub enum CheckKind {
     Http,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
     pub check: CheckKind,
     pub path: String,

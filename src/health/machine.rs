@@ -141,7 +141,10 @@ mod tests {
         assert_eq!(machine.record_success(), None);
         assert_eq!(machine.record_failure(), None);
         assert_eq!(machine.record_failure(), None);
-        assert_eq!(machine.record_failure(), Some(Transition::Down { checks: 3 }));
+        assert_eq!(
+            machine.record_failure(),
+            Some(Transition::Down { checks: 3 })
+        );
         assert!(!machine.is_up());
         assert_eq!(machine.record_success(), None);
         assert_eq!(machine.record_failure(), None);

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 pub use pool::{ConnectError, Connection, Pool, PoolSettings};
-pub use server::{AdminState, Health, InFlightGuard, Server, ServerState, ServerStatus};
+pub use server::{
+    AdminState, CheckStatus, FULL_WEIGHT, Health, InFlightGuard, Server, ServerState, ServerStatus,
+};
 
 use crate::balance::{Balancer, PickContext};
 use crate::config;
@@ -49,6 +51,7 @@ impl Backend {
             connect_timeout: config.timeouts.connect,
             idle_timeout: config.timeouts.idle,
         };
+        let checked = config.health.check != config::CheckKind::None;
         let servers = config
             .servers
             .iter()
@@ -56,7 +59,7 @@ impl Backend {
                 let old = kept.get(server.name.as_str());
                 let state = old
                     .map(|old| Arc::clone(&old.state))
-                    .unwrap_or_else(|| Arc::new(ServerState::new(Arc::clone(&epoch))));
+                    .unwrap_or_else(|| Arc::new(ServerState::new(Arc::clone(&epoch), checked)));
                 let pool = old
                     .filter(|old| {
                         old.pool.addr() == server.addr && *old.pool.settings() == settings

@@ -7,8 +7,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use http::uri::Authority;
 
 use super::pool::Pool;
@@ -74,6 +76,20 @@ impl ServerStatus {
 /// No admin weight override is set.
 const NO_WEIGHT_OVERRIDE: u32 = u32::MAX;
 
+/// Full weight, in thousandths (slow start ramps up to it).
+pub const FULL_WEIGHT: u32 = 1000;
+
+/// The last health check's result, as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct CheckStatus {
+    /// "ok", "failed", "pending" (not checked yet) or "none" (checks off).
+    pub status: &'static str,
+    /// What the check saw: "HTTP 200", "connection refused", ...
+    pub detail: String,
+    /// When the server last changed between up and down.
+    pub last_change: Instant,
+}
+
 /// Live state of one server, shared by every snapshot that contains it.
 ///
 /// Writers (health checks, admin API) change it with single atomic stores and bump
@@ -84,20 +100,112 @@ pub struct ServerState {
     health: AtomicU8,
     admin: AtomicU8,
     weight_override: AtomicU32,
+    /// Slow start: the share of the weight in effect, in thousandths.
+    weight_factor: AtomicU32,
     in_flight: AtomicU32,
+    /// Taken out by passive checks until its ejection ends.
+    ejected: AtomicBool,
+    /// Live failures in a row (passive checks).
+    consecutive_failures: AtomicU32,
+    check_failures: AtomicU64,
+    check: ArcSwap<CheckStatus>,
     /// Bumped on any change that alters which servers can take traffic or their
     /// weights; shared by all servers of one backend.
     epoch: Arc<AtomicU64>,
 }
 
 impl ServerState {
-    pub fn new(epoch: Arc<AtomicU64>) -> ServerState {
+    /// A server not checked yet: down, unless the backend runs no checks.
+    pub fn new(epoch: Arc<AtomicU64>, checked: bool) -> ServerState {
+        let (health, status) = if checked {
+            (Health::Down, "pending")
+        } else {
+            (Health::Up, "none")
+        };
         ServerState {
-            health: AtomicU8::new(Health::Up as u8),
+            health: AtomicU8::new(health as u8),
             admin: AtomicU8::new(AdminState::Ready as u8),
             weight_override: AtomicU32::new(NO_WEIGHT_OVERRIDE),
+            weight_factor: AtomicU32::new(FULL_WEIGHT),
             in_flight: AtomicU32::new(0),
+            ejected: AtomicBool::new(false),
+            consecutive_failures: AtomicU32::new(0),
+            check_failures: AtomicU64::new(0),
+            check: ArcSwap::from_pointee(CheckStatus {
+                status,
+                detail: String::new(),
+                last_change: Instant::now(),
+            }),
             epoch,
+        }
+    }
+
+    /// The last check's result.
+    pub fn check_status(&self) -> Arc<CheckStatus> {
+        self.check.load_full()
+    }
+
+    /// Records a check's result; `changed` when it moved the server up or down.
+    pub fn record_check(&self, ok: bool, detail: String, changed: bool) {
+        if !ok {
+            self.check_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let last_change = if changed {
+            Instant::now()
+        } else {
+            self.check.load().last_change
+        };
+        self.check.store(Arc::new(CheckStatus {
+            status: if ok { "ok" } else { "failed" },
+            detail,
+            last_change,
+        }));
+    }
+
+    /// Checks are switched off for this server (`check = "none"`).
+    pub fn clear_check(&self) {
+        self.check.store(Arc::new(CheckStatus {
+            status: "none",
+            detail: String::new(),
+            last_change: self.check.load().last_change,
+        }));
+    }
+
+    pub fn check_failures(&self) -> u64 {
+        self.check_failures.load(Ordering::Relaxed)
+    }
+
+    /// The share of the weight in effect (slow start), in thousandths.
+    pub fn weight_factor(&self) -> u32 {
+        self.weight_factor.load(Ordering::Acquire)
+    }
+
+    pub fn set_weight_factor(&self, factor: u32) {
+        let factor = factor.min(FULL_WEIGHT);
+        if self.weight_factor.swap(factor, Ordering::AcqRel) != factor {
+            self.bump_epoch();
+        }
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Acquire)
+    }
+
+    pub fn set_ejected(&self, ejected: bool) {
+        if self.ejected.swap(ejected, Ordering::AcqRel) != ejected {
+            self.bump_epoch();
+        }
+    }
+
+    /// Counts a live failure; returns how many in a row there are now.
+    pub fn record_live_failure(&self) -> u32 {
+        self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    pub fn record_live_success(&self) {
+        // Avoid dirtying the cache line on every success.
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Release);
         }
     }
 
@@ -171,6 +279,7 @@ pub struct Server {
     pub authority: Authority,
     config_weight: u32,
     pub backup: bool,
+    pub slow_start: std::time::Duration,
     /// Concurrent requests or sessions; 0 means no limit.
     pub max_connections: u32,
     pub state: Arc<ServerState>,
@@ -189,24 +298,37 @@ impl Server {
             authority,
             config_weight: config.weight,
             backup: config.backup,
+            slow_start: config.slow_start,
             max_connections: config.max_connections,
             state,
             pool,
         }
     }
 
-    /// The weight balancers use now: the admin override, else the config's.
-    pub fn weight(&self) -> u32 {
+    /// The weight set by the config or, when set, through the admin API.
+    pub fn base_weight(&self) -> u32 {
         self.state.weight_override().unwrap_or(self.config_weight)
     }
 
-    /// Healthy, not drained or in maintenance, and with a weight above zero:
-    /// may be picked for new work.
+    /// The weight balancers use now: the base weight, scaled down while slow
+    /// start ramps it up (never below 1 while the base weight is above 0).
+    pub fn weight(&self) -> u32 {
+        let base = self.base_weight();
+        let factor = self.state.weight_factor();
+        if factor >= FULL_WEIGHT || base == 0 {
+            return base;
+        }
+        (base * factor / FULL_WEIGHT).max(1)
+    }
+
+    /// Healthy, not ejected, not drained or in maintenance, and with a weight
+    /// above zero: may be picked for new work.
     #[inline]
     pub fn is_usable(&self) -> bool {
         self.state.health() == Health::Up
             && self.state.admin_state() == AdminState::Ready
-            && self.weight() > 0
+            && !self.state.is_ejected()
+            && self.base_weight() > 0
     }
 
     /// Usable and under its `max_connections`.
