@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::{Response, StatusCode, header};
 
 use super::body::ResponseBody;
-use crate::upstream::ConnectError;
+use crate::upstream::{ConnectError, Unavailable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -14,8 +14,8 @@ pub enum ProxyError {
     Refused,
     #[error("bad request: {0}")]
     BadRequest(&'static str),
-    #[error("no server available")]
-    NoServer,
+    #[error("{0}")]
+    Unavailable(#[from] Unavailable),
     #[error("{0}")]
     Connect(#[from] ConnectError),
     #[error("no response head within {0:?}")]
@@ -29,15 +29,10 @@ impl ProxyError {
         match self {
             ProxyError::Refused => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::NoServer => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
-    }
-
-    /// Nothing of the request reached a server, so any request may be retried.
-    pub fn nothing_sent(&self) -> bool {
-        matches!(self, ProxyError::Connect(_))
     }
 
     /// The short plain-text answer flowgate sends for this error.
@@ -49,7 +44,11 @@ impl ProxyError {
         match self {
             ProxyError::Refused => "forbidden\n",
             ProxyError::BadRequest(_) => "bad request\n",
-            ProxyError::NoServer => "no server available\n",
+            ProxyError::Unavailable(Unavailable::NoServer) => "no server available\n",
+            ProxyError::Unavailable(Unavailable::QueueFull) => "server queue full\n",
+            ProxyError::Unavailable(Unavailable::QueueTimeout) => {
+                "timed out waiting for a server\n"
+            }
             ProxyError::Connect(_) | ProxyError::Upstream(_) => "bad gateway\n",
             ProxyError::ResponseTimeout(_) => "gateway timeout\n",
         }

@@ -4,10 +4,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -20,7 +21,7 @@ use super::headers::{ensure_request_id, is_upgrade_request, set_forwarded, strip
 use crate::balance::PickContext;
 use crate::config::Protocol;
 use crate::runtime::SharedRuntime;
-use crate::upstream::{Backend, Connection, InFlightGuard};
+use crate::upstream::{Backend, Connection, InFlightGuard, Server, Unavailable};
 
 /// What every request on one client connection shares.
 #[derive(Debug)]
@@ -72,7 +73,7 @@ async fn forward(
     let runtime = ctx.runtime.load_full();
     let frontend = runtime
         .frontend(&ctx.frontend)
-        .ok_or(ProxyError::NoServer)?;
+        .ok_or(ProxyError::Unavailable(Unavailable::NoServer))?;
     let tunnel = request.version() == Version::HTTP_11 && is_upgrade_request(request.headers());
     let client_upgrade = tunnel.then(|| hyper::upgrade::on(&mut request));
 
@@ -192,8 +193,11 @@ fn set_target(
     Ok(())
 }
 
-/// Picks a server and sends the request, retrying on another server when a
-/// connection could not be had: nothing was sent then, so any request is safe.
+/// Picks a server and sends the request. A request is tried again, on another
+/// server when `redispatch` allows, while `retries` last:
+/// - after a connect failure, whatever the request: nothing was sent;
+/// - after a reset or a 502/503 from the server, only when repeating it can have
+///   no further effect: an idempotent method without a body.
 async fn send(
     ctx: &ConnContext,
     backend: &Backend,
@@ -203,35 +207,97 @@ async fn send(
         client: ctx.client.ip(),
         key: None,
     };
+    let replayable =
+        is_idempotent(request.method()) && matches!(request.body(), RequestBody::Empty);
     let mut retries_left = backend.config.retries;
+    let mut failed: Option<Arc<Server>> = None;
     loop {
-        let server = backend.pick(&pick).ok_or(ProxyError::NoServer)?;
-        let guard = server.begin();
+        let guard = backend.acquire_retry(&pick, failed.as_ref()).await?;
+        let server = Arc::clone(guard.server());
+        let retry = |retries_left: &mut u32| {
+            if *retries_left == 0 {
+                return false;
+            }
+            *retries_left -= 1;
+            backend.stats.retries.fetch_add(1, Ordering::Relaxed);
+            true
+        };
         let mut connection = match server.pool.checkout().await {
             Ok(connection) => connection,
             Err(err) => {
                 tracing::warn!(backend = %backend.name, server = %server.name, error = %err, "cannot connect to server");
-                if retries_left == 0 {
+                backend.record_failure(&server, &err.to_string());
+                if !retry(&mut retries_left) {
                     return Err(err.into());
                 }
-                retries_left -= 1;
+                failed = Some(server);
                 continue;
             }
         };
+        // A copy to send again if the server fails after receiving it.
+        let spare = (replayable && retries_left > 0).then(|| copy_head(&request));
         let timeout = backend.config.timeouts.response;
         match tokio::time::timeout(timeout, connection.send(request)).await {
-            Err(_) => return Err(ProxyError::ResponseTimeout(timeout)),
-            Ok(Ok(response)) => return Ok((response, guard, connection)),
+            Err(_) => {
+                backend.record_failure(&server, "response timeout");
+                return Err(ProxyError::ResponseTimeout(timeout));
+            }
+            Ok(Ok(response)) => {
+                let status = response.status();
+                if matches!(status.as_u16(), 502..=504) {
+                    backend.record_failure(&server, status.as_str());
+                } else {
+                    backend.record_success(&server);
+                }
+                if matches!(status.as_u16(), 502 | 503)
+                    && let Some(spare) = spare
+                    && retry(&mut retries_left)
+                {
+                    tracing::debug!(backend = %backend.name, server = %server.name, %status, "retrying on another server");
+                    request = spare;
+                    failed = Some(server);
+                    continue;
+                }
+                return Ok((response, guard, connection));
+            }
             Ok(Err(mut err)) => match err.take_message() {
                 // A pooled connection the server had closed: the request was not
-                // written; try again on another connection.
+                // written; it goes out again on a fresh connection.
                 Some(unsent) if connection.is_reused() => request = unsent,
-                Some(unsent) if retries_left > 0 => {
-                    retries_left -= 1;
+                Some(unsent) if retry(&mut retries_left) => {
                     request = unsent;
+                    failed = Some(server);
                 }
-                _ => return Err(ProxyError::Upstream(err.into_error())),
+                _ => {
+                    let err = err.into_error();
+                    backend.record_failure(&server, &err.to_string());
+                    match spare {
+                        Some(spare) if retry(&mut retries_left) => {
+                            request = spare;
+                            failed = Some(server);
+                        }
+                        _ => return Err(ProxyError::Upstream(err)),
+                    }
+                }
             },
         }
     }
+}
+
+/// A bodiless copy of a request head, to send it again.
+fn copy_head(request: &Request<RequestBody>) -> Request<RequestBody> {
+    let mut copy = Request::new(RequestBody::Empty);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// Methods whose repetition has no further effect (RFC 9110 9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }

@@ -43,8 +43,10 @@ pub async fn session(
     }
 }
 
-/// Connects to a server of the frontend's backend, trying another server after a
-/// connect failure as long as `retries` allows.
+/// Connects to a server of the frontend's backend (queueing for a slot like an
+/// http request), trying another server after a connect failure as long as
+/// `retries` allows. Nothing was sent to a server that could not be reached, so
+/// a retry is always safe.
 async fn connect(peer: SocketAddr, frontend: &Frontend) -> Option<(TcpStream, InFlightGuard)> {
     let backend = frontend.router.default_backend();
     let pick = PickContext {
@@ -53,27 +55,38 @@ async fn connect(peer: SocketAddr, frontend: &Frontend) -> Option<(TcpStream, In
     };
     let timeout = backend.config.timeouts.connect;
     let mut retries_left = backend.config.retries;
+    let mut failed = None;
     loop {
-        let Some(server) = backend.pick(&pick) else {
-            tracing::warn!(frontend = %frontend.name, backend = %backend.name, %peer, "no server available, closing session");
-            return None;
+        let guard = match backend.acquire_retry(&pick, failed.as_ref()).await {
+            Ok(guard) => guard,
+            Err(why) => {
+                tracing::warn!(frontend = %frontend.name, backend = %backend.name, %peer, "{why}, closing session");
+                return None;
+            }
         };
-        let guard = server.begin();
+        let server = Arc::clone(guard.server());
         let error = match tokio::time::timeout(timeout, TcpStream::connect(server.addr)).await {
             Ok(Ok(stream)) => {
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(error = %err, "cannot set TCP_NODELAY");
                 }
+                backend.record_success(&server);
                 return Some((stream, guard));
             }
             Ok(Err(err)) => err.to_string(),
             Err(_) => format!("connect timed out after {timeout:?}"),
         };
         tracing::warn!(backend = %backend.name, server = %server.name, error, "cannot connect to server");
+        backend.record_failure(&server, &error);
         if retries_left == 0 {
             return None;
         }
         retries_left -= 1;
+        backend
+            .stats
+            .retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        failed = Some(server);
     }
 }
 

@@ -2,13 +2,16 @@
 //! pick that hands a request or session to one server.
 
 pub mod pool;
+mod queue;
 mod server;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 pub use pool::{ConnectError, Connection, Pool, PoolSettings};
+pub use queue::{Queue, QueueError};
 pub use server::{
     AdminState, CheckStatus, FULL_WEIGHT, Health, InFlightGuard, Server, ServerState, ServerStatus,
 };
@@ -27,7 +30,32 @@ pub struct Backend {
     /// Bumped by any server state change; shared with the servers' live state and
     /// with the same backend in later snapshots.
     pub epoch: Arc<AtomicU64>,
+    /// Requests waiting for a server slot; shared with later snapshots.
+    pub queue: Arc<Queue>,
+    /// Counters that outlive reloads.
+    pub stats: Arc<BackendStats>,
 }
+
+/// A backend's counters, kept across reloads.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Attempts made again after a failure.
+    pub retries: AtomicU64,
+}
+
+/// Why no server slot could be had for a request or session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    #[error("no server available")]
+    NoServer,
+    #[error("queue full")]
+    QueueFull,
+    #[error("queue timeout")]
+    QueueTimeout,
+}
+
+/// Longest passive ejection, however often a server was ejected.
+const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 impl Backend {
     /// Builds the backend for a new snapshot. Live state and pools of servers
@@ -36,6 +64,12 @@ impl Backend {
     pub fn build(config: &config::Backend, previous: Option<&Backend>) -> Backend {
         let epoch = previous
             .map(|backend| Arc::clone(&backend.epoch))
+            .unwrap_or_default();
+        let queue = previous
+            .map(|backend| Arc::clone(&backend.queue))
+            .unwrap_or_default();
+        let stats = previous
+            .map(|backend| Arc::clone(&backend.stats))
             .unwrap_or_default();
         let kept: HashMap<&str, &Arc<Server>> = previous
             .map(|backend| {
@@ -66,7 +100,7 @@ impl Backend {
                     })
                     .map(|old| Arc::clone(&old.pool))
                     .unwrap_or_else(|| Arc::new(Pool::new(server.addr, settings.clone())));
-                Arc::new(Server::new(server, state, pool))
+                Arc::new(Server::new(server, state, pool, Arc::clone(&queue)))
             })
             .collect();
         // A new server set is a change balancers must see.
@@ -77,6 +111,8 @@ impl Backend {
             config: config.clone(),
             servers,
             epoch,
+            queue,
+            stats,
         }
     }
 
@@ -87,6 +123,140 @@ impl Backend {
         self.balancer
             .pick(&self.servers, ctx)
             .map(|index| &self.servers[index])
+    }
+
+    /// A slot on a server for one request or session: picked at once when a
+    /// server can take it, else after waiting in the backend's FIFO queue (at
+    /// most `max_queue` waiters, each at most `timeouts.queue`). With no usable
+    /// server at all the answer is immediate.
+    pub async fn acquire(&self, ctx: &PickContext<'_>) -> Result<InFlightGuard, Unavailable> {
+        if self.queue.is_empty()
+            && let Some(server) = self.pick(ctx)
+        {
+            return Ok(server.begin());
+        }
+        if !self.servers.iter().any(|server| server.is_usable()) {
+            return Err(Unavailable::NoServer);
+        }
+        let mut slot = self
+            .queue
+            .join(self.config.max_queue)
+            .map_err(|_| Unavailable::QueueFull)?;
+        // A slot may have come free between the pick above and joining.
+        if let Some(server) = self.pick(ctx) {
+            slot.close();
+            // A slot handed over meanwhile goes on to the next waiter.
+            drop(slot.try_recv());
+            self.queue.prune();
+            return Ok(server.begin());
+        }
+        match tokio::time::timeout(self.config.timeouts.queue, &mut slot).await {
+            Ok(Ok(guard)) => Ok(guard),
+            _ => {
+                slot.close();
+                drop(slot.try_recv());
+                self.queue.prune();
+                Err(Unavailable::QueueTimeout)
+            }
+        }
+    }
+
+    /// The slot for another attempt after `failed` failed: another server when
+    /// `redispatch` is on and one can take it, else the same server again.
+    pub async fn acquire_retry(
+        &self,
+        ctx: &PickContext<'_>,
+        failed: Option<&Arc<Server>>,
+    ) -> Result<InFlightGuard, Unavailable> {
+        let Some(failed) = failed else {
+            return self.acquire(ctx).await;
+        };
+        if !self.config.redispatch {
+            return Ok(failed.begin());
+        }
+        let guard = self.acquire(ctx).await?;
+        if !Arc::ptr_eq(guard.server(), failed) {
+            return Ok(guard);
+        }
+        // The algorithm chose the failed server again (a hash, `first`): the
+        // next server in file order that can take the attempt, if any.
+        let start = self
+            .servers
+            .iter()
+            .position(|s| Arc::ptr_eq(s, failed))
+            .unwrap_or(0);
+        let alternative = (1..self.servers.len())
+            .map(|offset| &self.servers[(start + offset) % self.servers.len()])
+            .find(|server| server.is_usable() && server.has_capacity());
+        Ok(match alternative {
+            Some(server) => {
+                drop(guard);
+                server.begin()
+            }
+            None => guard,
+        })
+    }
+
+    /// A live success from `server` (passive checks).
+    #[inline]
+    pub fn record_success(&self, server: &Server) {
+        if self.config.passive.is_some() {
+            server.state.record_live_success();
+        }
+    }
+
+    /// A live failure from `server`: a connect error, a reset, a 502/503/504.
+    /// After `passive.consecutive_failures` of them in a row the server is
+    /// ejected for `passive.ejection_time`, doubled for each ejection in a row
+    /// (at most 5 minutes). The last usable server of a backend is never
+    /// ejected: an unreliable server serves better than none.
+    pub fn record_failure(&self, server: &Arc<Server>, why: &str) {
+        let Some(passive) = self.config.passive else {
+            return;
+        };
+        let failures = server.state.record_live_failure();
+        if failures < passive.consecutive_failures || server.state.is_ejected() {
+            return;
+        }
+        let others_usable = self
+            .servers
+            .iter()
+            .any(|other| !Arc::ptr_eq(other, server) && other.is_usable());
+        if !others_usable {
+            tracing::warn!(
+                "{}/{} has {failures} failures in a row ({why}) but is the last usable server: not ejected",
+                self.name,
+                server.name
+            );
+            return;
+        }
+        let repeat = server.state.count_ejection();
+        let duration = passive
+            .ejection_time
+            .saturating_mul(1 << (repeat - 1).min(16))
+            .min(MAX_EJECTION.max(passive.ejection_time));
+        server.state.reset_live_failures();
+        server.state.set_ejected(true);
+        tracing::warn!(
+            "{}/{} ejected for {} after {failures} failures in a row: {why}",
+            self.name,
+            server.name,
+            humantime::format_duration(duration)
+        );
+        let (state, name) = (
+            Arc::clone(&server.state),
+            format!("{}/{}", self.name, server.name),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(duration).await;
+            state.set_ejected(false);
+            tracing::info!("{name} back from ejection");
+            // Behaving for as long again as it was out earns a fresh start.
+            tokio::time::sleep(duration).await;
+            if !state.is_ejected() {
+                state.forgive_ejections();
+            }
+        });
     }
 
     pub fn server(&self, name: &str) -> Option<&Arc<Server>> {

@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use http::uri::Authority;
 
 use super::pool::Pool;
+use super::queue::Queue;
 use crate::config;
 
 /// What health checks found.
@@ -107,6 +108,8 @@ pub struct ServerState {
     ejected: AtomicBool,
     /// Live failures in a row (passive checks).
     consecutive_failures: AtomicU32,
+    /// Ejections in a row: each one lasts twice as long as the one before.
+    ejections: AtomicU32,
     check_failures: AtomicU64,
     check: ArcSwap<CheckStatus>,
     /// Bumped on any change that alters which servers can take traffic or their
@@ -130,6 +133,7 @@ impl ServerState {
             in_flight: AtomicU32::new(0),
             ejected: AtomicBool::new(false),
             consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
             check_failures: AtomicU64::new(0),
             check: ArcSwap::from_pointee(CheckStatus {
                 status,
@@ -197,6 +201,17 @@ impl ServerState {
         }
     }
 
+    /// Counts an ejection; returns how many came in a row (1 for the first).
+    pub fn count_ejection(&self) -> u32 {
+        self.ejections.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// The server behaved long enough after its last ejection: the next one
+    /// starts from the base time again.
+    pub fn forgive_ejections(&self) {
+        self.ejections.store(0, Ordering::Release);
+    }
+
     /// Counts a live failure; returns how many in a row there are now.
     pub fn record_live_failure(&self) -> u32 {
         self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1
@@ -207,6 +222,10 @@ impl ServerState {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Release);
         }
+    }
+
+    pub fn reset_live_failures(&self) {
+        self.consecutive_failures.store(0, Ordering::Release);
     }
 
     pub fn health(&self) -> Health {
@@ -284,10 +303,17 @@ pub struct Server {
     pub max_connections: u32,
     pub state: Arc<ServerState>,
     pub pool: Arc<Pool>,
+    /// The backend's queue, which a freed slot is offered to first.
+    pub queue: Arc<Queue>,
 }
 
 impl Server {
-    pub fn new(config: &config::Server, state: Arc<ServerState>, pool: Arc<Pool>) -> Server {
+    pub fn new(
+        config: &config::Server,
+        state: Arc<ServerState>,
+        pool: Arc<Pool>,
+        queue: Arc<Queue>,
+    ) -> Server {
         // A SocketAddr always renders as a valid authority.
         let authority = Authority::try_from(config.addr.to_string())
             .unwrap_or_else(|_| Authority::from_static("invalid"));
@@ -302,6 +328,7 @@ impl Server {
             max_connections: config.max_connections,
             state,
             pool,
+            queue,
         }
     }
 
@@ -342,15 +369,20 @@ impl Server {
         self.state.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlightGuard {
             server: Arc::clone(self),
+            counted: true,
         }
     }
 }
 
 /// One request or session in flight on a server; dropped when its response body
-/// ends or is abandoned, so load-aware balancers see long-polls too.
+/// ends or is abandoned, so load-aware balancers see long-polls too. When the
+/// server has a connection limit and requests are queued, the slot passes
+/// straight to the oldest of them.
 #[derive(Debug)]
 pub struct InFlightGuard {
     server: Arc<Server>,
+    /// False only for a handed-over slot that no waiter claimed.
+    counted: bool,
 }
 
 impl InFlightGuard {
@@ -361,6 +393,21 @@ impl InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.server.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if !self.counted {
+            return;
+        }
+        let server = &self.server;
+        if server.max_connections > 0 && !server.queue.is_empty() && server.is_usable() {
+            // Hand the slot over: the in-flight count stays as it is.
+            let slot = InFlightGuard {
+                server: Arc::clone(server),
+                counted: true,
+            };
+            match server.queue.hand_over(slot) {
+                None => return,
+                Some(mut unclaimed) => unclaimed.counted = false,
+            }
+        }
+        server.state.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
