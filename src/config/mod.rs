@@ -8,6 +8,7 @@
 
 mod error;
 mod reader;
+mod sections;
 mod units;
 mod validate;
 
@@ -25,7 +26,10 @@ pub use units::{parse_duration, parse_size};
 /// are resolved against the file's directory; errors name the file as given.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|err| {
-        ConfigErrors::single(ConfigError::file(path.display().to_string(), err.to_string()))
+        ConfigErrors::single(ConfigError::file(
+            path.display().to_string(),
+            err.to_string(),
+        ))
     })?;
     parse(&text, path)
 }

@@ -1,1 +1,186 @@
-//! TODO
+//! Listening sockets and their accept loops: connection limits (accepting pauses
+//! at the limit), allow/deny, and the hand-off to http or tcp mode.
+
+pub mod tcp;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Mode;
+use crate::http::conn::{ClientTimeouts, ConnActivity};
+use crate::http::proxy::ConnContext;
+use crate::http::server::{self, ServerBuilder};
+use crate::runtime::SharedRuntime;
+
+const BACKLOG: i32 = 1024;
+
+/// Binds a listening socket the way a proxy needs it: SO_REUSEADDR (rebinding
+/// right after a restart), IPV6_V6ONLY (so `[::]:80` and `0.0.0.0:80` coexist)
+/// and non-blocking for tokio.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// What the accept loops of all listeners share.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub runtime: SharedRuntime,
+    /// `global.max_connections`.
+    pub connections: Arc<Semaphore>,
+    /// Every connection and session task; a graceful stop waits on it.
+    pub tracker: TaskTracker,
+    /// Cancelled when the process stops: connections finish what is in flight.
+    pub shutdown: CancellationToken,
+}
+
+/// One listening socket of a frontend.
+#[derive(Debug)]
+pub struct Listener {
+    pub frontend: Arc<str>,
+    pub listener: TcpListener,
+    /// The frontend's own `max_connections`, when it has one.
+    pub limit: Option<Arc<Semaphore>>,
+    /// Cancelled to stop accepting on this socket (stop, or removed by a reload).
+    pub stop: CancellationToken,
+}
+
+impl Listener {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts until `stop` is cancelled, then closes the socket at once: new
+    /// connections are refused while the accepted ones go on.
+    pub async fn run(self, shared: Shared) {
+        let Listener {
+            frontend,
+            listener,
+            limit,
+            stop,
+        } = self;
+        let mut builder: Option<(u64, Arc<ServerBuilder>)> = None;
+        loop {
+            let Some(permits) = acquire(&shared.connections, limit.as_ref(), &stop).await else {
+                break;
+            };
+            let (stream, client) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        backoff(&err).await;
+                        continue;
+                    }
+                },
+                () = stop.cancelled() => break,
+            };
+            let runtime = shared.runtime.load_full();
+            let Some(config) = runtime.frontend(&frontend) else {
+                continue;
+            };
+            let refused = !config.access.permits(client.ip());
+            let timeouts = ClientTimeouts {
+                request_header: config.config.timeouts.request_header,
+                client_idle: config.config.timeouts.client_idle,
+            };
+            match config.config.mode {
+                Mode::Http => {
+                    let builder = match &builder {
+                        Some((generation, builder)) if *generation == runtime.generation => {
+                            Arc::clone(builder)
+                        }
+                        _ => {
+                            let fresh = Arc::new(server::builder(&config.config));
+                            builder = Some((runtime.generation, Arc::clone(&fresh)));
+                            fresh
+                        }
+                    };
+                    let ctx = Arc::new(ConnContext {
+                        runtime: Arc::clone(&shared.runtime),
+                        frontend: Arc::clone(&frontend),
+                        client,
+                        https: false,
+                        refused,
+                        activity: Arc::new(ConnActivity::default()),
+                        tunnels: shared.tracker.clone(),
+                    });
+                    let shutdown = shared.shutdown.clone();
+                    shared.tracker.spawn(async move {
+                        prepare(&stream);
+                        server::serve(stream, ctx, builder, timeouts, shutdown).await;
+                        drop(permits);
+                    });
+                }
+                Mode::Tcp => {
+                    if refused {
+                        tracing::debug!(frontend = %frontend, %client, "session refused by allow/deny");
+                        continue;
+                    }
+                    let frontend = Arc::clone(config);
+                    shared.tracker.spawn(async move {
+                        prepare(&stream);
+                        tcp::session(stream, client, frontend, timeouts.client_idle).await;
+                        drop(permits);
+                    });
+                }
+            }
+        }
+        tracing::info!(frontend = %frontend, addr = ?listener.local_addr().ok(), "stopped listening");
+    }
+}
+
+fn prepare(stream: &TcpStream) {
+    if let Err(err) = stream.set_nodelay(true) {
+        tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+    }
+}
+
+/// Waits for a connection slot under the global and the frontend limit; at a
+/// limit, accepting pauses (the kernel's backlog holds new clients meanwhile).
+async fn acquire(
+    global: &Arc<Semaphore>,
+    frontend: Option<&Arc<Semaphore>>,
+    stop: &CancellationToken,
+) -> Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)> {
+    let global = tokio::select! {
+        permit = Arc::clone(global).acquire_owned() => permit.ok()?,
+        () = stop.cancelled() => return None,
+    };
+    let frontend = match frontend {
+        Some(limit) => tokio::select! {
+            permit = Arc::clone(limit).acquire_owned() => Some(permit.ok()?),
+            () = stop.cancelled() => return None,
+        },
+        None => None,
+    };
+    Some((global, frontend))
+}
+
+/// Accept errors are mostly the process or the system running out of file
+/// descriptors; pausing briefly lets connections close instead of spinning.
+async fn backoff(err: &io::Error) {
+    match err.kind() {
+        io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::Interrupted => {}
+        _ => {
+            tracing::warn!(error = %err, "accept failed; pausing");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

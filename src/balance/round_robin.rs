@@ -1,0 +1,169 @@
+//! Smooth weighted round robin (nginx's algorithm).
+//!
+//! Over any window of sum(weights) consecutive picks every server gets exactly its
+//! weight, and picks of a heavy server are spread out rather than bunched (weights
+//! 5,1,1 give `a a b a c a a`). The schedule for one cycle is computed once per
+//! change of the server set and shared by all threads; a pick is one atomic
+//! increment and an index.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+
+use super::{PickContext, active_tier};
+use crate::upstream::Server;
+
+#[derive(Debug)]
+pub struct RoundRobin {
+    epoch: Arc<AtomicU64>,
+    schedule: ArcSwap<Schedule>,
+    next: AtomicUsize,
+    rebuilding: AtomicBool,
+}
+
+/// One cycle of picks, as indices into the backend's servers.
+#[derive(Debug)]
+struct Schedule {
+    epoch: u64,
+    order: Box<[u32]>,
+}
+
+impl RoundRobin {
+    pub fn new(epoch: Arc<AtomicU64>) -> RoundRobin {
+        RoundRobin {
+            epoch,
+            // Never matches a real epoch, so the first pick builds the schedule.
+            schedule: ArcSwap::from_pointee(Schedule {
+                epoch: u64::MAX,
+                order: Box::new([]),
+            }),
+            next: AtomicUsize::new(0),
+            rebuilding: AtomicBool::new(false),
+        }
+    }
+
+    pub fn pick(&self, servers: &[Arc<Server>], _ctx: &PickContext<'_>) -> Option<usize> {
+        let current = self.epoch.load(Ordering::Acquire);
+        let mut schedule = self.schedule.load();
+        if schedule.epoch != current {
+            self.rebuild(servers, current);
+            schedule = self.schedule.load();
+        }
+        let order = &schedule.order;
+        if order.is_empty() {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // Normally the first candidate is taken. A server can have changed state
+        // since the schedule was built, or be at its connection limit: then the
+        // next ones in the cycle are tried.
+        (0..order.len())
+            .map(|offset| order[(start.wrapping_add(offset)) % order.len()] as usize)
+            .find(|&index| {
+                let server = &servers[index];
+                server.is_usable() && server.has_capacity()
+            })
+    }
+
+    /// Rebuilds the schedule for `epoch`. One thread rebuilds; the others keep
+    /// using the previous schedule meanwhile, skipping servers that left it.
+    fn rebuild(&self, servers: &[Arc<Server>], epoch: u64) {
+        if self
+            .rebuilding
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let tier = active_tier(servers);
+        let weights: Vec<(u32, u32)> = tier
+            .iter()
+            .map(|&index| (index as u32, servers[index].weight()))
+            .collect();
+        self.schedule.store(Arc::new(Schedule {
+            epoch,
+            order: smooth_cycle(&weights).into_boxed_slice(),
+        }));
+        self.rebuilding.store(false, Ordering::Release);
+    }
+}
+
+/// One cycle of nginx's smooth weighted round robin over `(id, weight)` pairs:
+/// each step every current weight grows by its weight, the largest is picked and
+/// loses the total. Weights are divided by their common divisor first, so the
+/// cycle is as short as it can be.
+fn smooth_cycle(weights: &[(u32, u32)]) -> Vec<u32> {
+    let divisor = weights
+        .iter()
+        .map(|&(_, weight)| weight)
+        .filter(|&weight| weight > 0)
+        .fold(0, gcd);
+    if divisor == 0 {
+        return Vec::new();
+    }
+    let weights: Vec<(u32, i64)> = weights
+        .iter()
+        .filter(|&&(_, weight)| weight > 0)
+        .map(|&(id, weight)| (id, i64::from(weight / divisor)))
+        .collect();
+    let total: i64 = weights.iter().map(|&(_, weight)| weight).sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut order = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (slot, &(_, weight)) in weights.iter().enumerate() {
+            current[slot] += weight;
+            if current[slot] > current[best] {
+                best = slot;
+            }
+        }
+        current[best] -= total;
+        order.push(weights[best].0);
+    }
+    order
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smooth_cycle_spreads_a_heavy_server() {
+        let order = smooth_cycle(&[(0, 5), (1, 1), (2, 1)]);
+        assert_eq!(order, vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn smooth_cycle_gives_exact_shares_in_every_window() {
+        let weights = [(0, 3), (1, 7), (2, 1), (3, 4), (4, 0)];
+        let cycle = smooth_cycle(&weights);
+        let total: u32 = weights.iter().map(|w| w.1).sum();
+        assert_eq!(cycle.len(), total as usize);
+        // Any window of `total` consecutive picks of the repeating schedule.
+        for start in 0..cycle.len() {
+            let mut counts = [0u32; 5];
+            for offset in 0..cycle.len() {
+                counts[cycle[(start + offset) % cycle.len()] as usize] += 1;
+            }
+            for &(id, weight) in &weights {
+                assert_eq!(counts[id as usize], weight, "window at {start}");
+            }
+        }
+    }
+
+    #[test]
+    fn common_divisor_shortens_the_cycle() {
+        assert_eq!(smooth_cycle(&[(0, 256), (1, 128)]), vec![0, 1, 0]);
+        assert!(smooth_cycle(&[(0, 0), (1, 0)]).is_empty());
+    }
+
+    #[test]
+    fn equal_weights_rotate_in_file_order() {
+        assert_eq!(smooth_cycle(&[(0, 1), (1, 1), (2, 1)]), vec![0, 1, 2]);
+    }
+}

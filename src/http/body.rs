@@ -1,0 +1,179 @@
+//! Bodies on both sides of the proxy. Both stream frame by frame (data and
+//! trailers); nothing here buffers a body whole.
+//!
+//! [`ResponseBody`] carries what a response holds on to until its last frame has
+//! been passed on: the server's in-flight guard, the pooled server connection
+//! (released for reuse only after a complete response) and the client
+//! connection's request count.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::conn::ActiveRequest;
+use crate::upstream::{Connection, InFlightGuard};
+
+/// A request body on its way to a server.
+#[derive(Debug)]
+pub enum RequestBody {
+    Empty,
+    Streaming(Incoming),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Streaming(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Streaming(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Streaming(body) => body.size_hint(),
+        }
+    }
+}
+
+/// What an upstream response holds until its body has ended.
+#[derive(Debug)]
+pub struct Completion {
+    pub guard: InFlightGuard,
+    pub connection: Option<Connection>,
+}
+
+impl Completion {
+    /// The response arrived whole: the server connection can serve again.
+    fn finish(self) {
+        if let Some(connection) = self.connection {
+            connection.release();
+        }
+    }
+}
+
+/// A response body on its way to the client.
+#[derive(Debug)]
+pub struct ResponseBody {
+    kind: Kind,
+    request: Option<ActiveRequest>,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Upstream {
+        body: Incoming,
+        completion: Option<Completion>,
+    },
+    Local(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn upstream(body: Incoming, completion: Completion) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Upstream {
+                body,
+                completion: Some(completion),
+            },
+            request: None,
+        }
+    }
+
+    /// A short body flowgate writes itself (error answers).
+    pub fn local(text: impl Into<Bytes>) -> ResponseBody {
+        let text = text.into();
+        ResponseBody {
+            kind: Kind::Local((!text.is_empty()).then_some(text)),
+            request: None,
+        }
+    }
+
+    pub fn empty() -> ResponseBody {
+        ResponseBody::local(Bytes::new())
+    }
+
+    /// Ties the client connection's request count to this body's lifetime.
+    pub(crate) fn track(mut self, request: ActiveRequest) -> ResponseBody {
+        self.request = Some(request);
+        self
+    }
+
+    fn complete(&mut self) {
+        if let Kind::Upstream { completion, .. } = &mut self.kind
+            && let Some(completion) = completion.take()
+        {
+            completion.finish();
+        }
+        self.request = None;
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.kind {
+            Kind::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            Kind::Local(text) => Poll::Ready(text.take().map(|text| Ok(Frame::data(text)))),
+        };
+        match &polled {
+            Poll::Ready(None) => this.complete(),
+            // A broken server body: the server connection is not reusable; the
+            // guard and the client's request count go when the body is dropped.
+            Poll::Ready(Some(Err(_))) => {
+                if let Kind::Upstream { completion, .. } = &mut this.kind
+                    && let Some(completion) = completion.as_mut()
+                {
+                    completion.connection = None;
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Local(text) => text.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Local(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper may never poll a body it knows is empty (204, HEAD, length 0);
+        // such a response is complete all the same.
+        if self.is_end_stream() {
+            self.complete();
+        }
+    }
+}

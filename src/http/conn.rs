@@ -1,0 +1,269 @@
+//! The client side of one HTTP connection below hyper: the request-head timer
+//! (slowloris: 408 and close) and the idle keep-alive timer.
+//!
+//! hyper's own header timeout also runs while a keep-alive connection waits for
+//! its next request and answers nothing, so flowgate keeps both timers here.
+//! [`ClientIo`] sees every byte the client sends; the service tells it through
+//! [`ConnActivity`] when a request head was complete and when its response ended.
+//! Timers are lazy: one `Sleep` per connection, re-armed only when it fires early.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+const PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
+
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
+content-type: text/plain; charset=utf-8\r\n\
+content-length: 22\r\n\
+connection: close\r\n\
+\r\n\
+request head too slow\n";
+
+/// Shared between a connection's I/O and its requests.
+#[derive(Debug, Default)]
+pub struct ConnActivity {
+    /// Requests whose head arrived and whose response has not ended yet.
+    in_flight: AtomicU32,
+    /// Bytes of a request head have arrived and its request has not started yet.
+    head_pending: AtomicBool,
+}
+
+impl ConnActivity {
+    /// A request head is complete; counts the request until the guard drops.
+    pub fn begin_request(self: &Arc<Self>) -> ActiveRequest {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_pending.store(false, Ordering::Release);
+        ActiveRequest {
+            activity: Arc::clone(self),
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+}
+
+/// One request on a client connection, from complete head to end of response.
+#[derive(Debug)]
+pub struct ActiveRequest {
+    activity: Arc<ConnActivity>,
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// Nothing read yet: treated as HTTP/1 until the HTTP/2 preface shows.
+    Unknown,
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTimeouts {
+    pub request_header: Duration,
+    pub client_idle: Duration,
+}
+
+/// A client stream with flowgate's head and idle timers.
+#[derive(Debug)]
+pub struct ClientIo<S> {
+    inner: S,
+    activity: Arc<ConnActivity>,
+    timeouts: ClientTimeouts,
+    protocol: Protocol,
+    /// When the current request head started (or the connection was accepted).
+    head_started: Instant,
+    /// Whether any byte of the pending head has arrived.
+    head_bytes: bool,
+    last_active: Instant,
+    timer: Pin<Box<Sleep>>,
+    /// Progress writing the 408 answer, once the head timer fired.
+    closing: Option<usize>,
+}
+
+impl<S> ClientIo<S> {
+    /// `http2` is known up front when TLS negotiated it by ALPN.
+    pub fn new(
+        inner: S,
+        activity: Arc<ConnActivity>,
+        timeouts: ClientTimeouts,
+        http2: bool,
+    ) -> Self {
+        let now = Instant::now();
+        // A new connection waits for its first head like any other.
+        activity.head_pending.store(!http2, Ordering::Release);
+        ClientIo {
+            inner,
+            activity,
+            timeouts,
+            protocol: if http2 {
+                Protocol::Http2
+            } else {
+                Protocol::Unknown
+            },
+            head_started: now,
+            head_bytes: false,
+            last_active: now,
+            timer: Box::pin(tokio::time::sleep_until(now + timeouts.request_header)),
+            closing: None,
+        }
+    }
+
+    fn note_read(&mut self, bytes: &[u8]) {
+        let now = Instant::now();
+        self.last_active = now;
+        if self.protocol == Protocol::Unknown {
+            let n = bytes.len().min(PREFACE_START.len());
+            self.protocol = if bytes[..n] == PREFACE_START[..n] {
+                Protocol::Http2
+            } else {
+                Protocol::Http1
+            };
+            if self.protocol == Protocol::Http2 {
+                self.activity.head_pending.store(false, Ordering::Release);
+            }
+        }
+        if self.protocol == Protocol::Http2 {
+            return;
+        }
+        if self.activity.head_pending.load(Ordering::Acquire) {
+            self.head_bytes = true;
+        } else if self.activity.idle() {
+            // First bytes of the next request on a keep-alive connection.
+            self.activity.head_pending.store(true, Ordering::Release);
+            self.head_started = now;
+            self.head_bytes = true;
+        }
+    }
+
+    /// When the connection must give up, if nothing happens before.
+    fn deadline(&self) -> Instant {
+        if self.protocol != Protocol::Http2 && self.activity.head_pending.load(Ordering::Acquire) {
+            self.head_started + self.timeouts.request_header
+        } else if self.activity.idle() {
+            self.last_active + self.timeouts.client_idle
+        } else {
+            // A request is in flight: nothing expires, but look again later in
+            // case the connection goes idle without another read.
+            Instant::now() + self.timeouts.client_idle
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
+    /// Writes the 408 answer, then shuts the stream down.
+    fn poll_close_with_408(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(written) = self.closing
+            && written < REQUEST_TIMEOUT.len()
+        {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &REQUEST_TIMEOUT[written..]))?;
+            if n == 0 {
+                break;
+            }
+            self.closing = Some(written + n);
+        }
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.closing.is_some() {
+            // End of stream for hyper once the answer is out (errors included:
+            // the connection is over either way).
+            let _ = ready!(this.poll_close_with_408(cx));
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    let filled = &buf.filled()[before..];
+                    // Copy out the few bytes protocol detection needs.
+                    let mut head = [0u8; 14];
+                    let n = filled.len().min(head.len());
+                    head[..n].copy_from_slice(&filled[..n]);
+                    this.note_read(&head[..n]);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending => loop {
+                let deadline = this.deadline();
+                if deadline <= Instant::now() {
+                    if this.protocol != Protocol::Http2
+                        && this.activity.head_pending.load(Ordering::Acquire)
+                        && this.head_bytes
+                    {
+                        tracing::debug!("request head too slow, answering 408");
+                        this.closing = Some(0);
+                        let _ = ready!(this.poll_close_with_408(cx));
+                    }
+                    // Idle, or a connection that never sent a byte: close quietly.
+                    return Poll::Ready(Ok(()));
+                }
+                // A later deadline waits for the armed timer to fire first.
+                if deadline < this.timer.deadline() || this.timer.is_elapsed() {
+                    this.timer.as_mut().reset(deadline);
+                }
+                if this.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            },
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.last_active = Instant::now();
+        Poll::Ready(Ok(written))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        this.last_active = Instant::now();
+        Poll::Ready(Ok(written))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,68 @@
+//! Why a request could not be forwarded, whether another attempt is safe, and the
+//! status the client sees. The mapping to a status lives here and nowhere else.
+
+use std::time::Duration;
+
+use http::{Response, StatusCode, header};
+
+use super::body::ResponseBody;
+use crate::upstream::ConnectError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("client address refused by allow/deny")]
+    Refused,
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("no server available")]
+    NoServer,
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+    #[error("no response head within {0:?}")]
+    ResponseTimeout(Duration),
+    #[error("server connection failed: {0}")]
+    Upstream(hyper::Error),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Refused => StatusCode::FORBIDDEN,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoServer => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Nothing of the request reached a server, so any request may be retried.
+    pub fn nothing_sent(&self) -> bool {
+        matches!(self, ProxyError::Connect(_))
+    }
+
+    /// The short plain-text answer flowgate sends for this error.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        local_response(self.status(), self.client_message())
+    }
+
+    fn client_message(&self) -> &'static str {
+        match self {
+            ProxyError::Refused => "forbidden\n",
+            ProxyError::BadRequest(_) => "bad request\n",
+            ProxyError::NoServer => "no server available\n",
+            ProxyError::Connect(_) | ProxyError::Upstream(_) => "bad gateway\n",
+            ProxyError::ResponseTimeout(_) => "gateway timeout\n",
+        }
+    }
+}
+
+/// A short plain-text response written by flowgate itself.
+pub fn local_response(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::local(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,215 @@
+//! Header rules for forwarded messages: hop-by-hop headers (RFC 9110 7.6.1), the
+//! X-Forwarded-* set and X-Request-Id.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop headers: the fixed set and every header that `Connection`
+/// names. With `tunnel`, `Connection: upgrade` and `Upgrade` stay, since they
+/// are what asks the next hop for the tunnel.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
+    if let Some(connection) = headers.get(header::CONNECTION) {
+        // Only pay for collecting names when Connection names extra headers.
+        let named: Vec<HeaderName> = connection_tokens(connection)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("close") && !token.eq_ignore_ascii_case("keep-alive")
+            })
+            .filter(|token| !(tunnel && token.eq_ignore_ascii_case("upgrade")))
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    if !tunnel {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    // TE is hop-by-hop, but "TE: trailers" is how gRPC says it understands
+    // trailers, and HTTP/2 allows exactly that value through.
+    if let Some(te) = headers.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
+/// Whether the request asks for a protocol upgrade (WebSocket and the like).
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|value| {
+            connection_tokens(value).any(|token| token.eq_ignore_ascii_case("upgrade"))
+        })
+}
+
+/// Appends the client to X-Forwarded-For and sets X-Forwarded-Proto and
+/// X-Forwarded-Host (the host the client asked for, when known).
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    https: bool,
+    host: Option<HeaderValue>,
+) {
+    let client =
+        HeaderValue::from_str(&client.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+        Some(existing) => {
+            let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
+            joined.extend_from_slice(existing.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or(client)
+        }
+        None => client,
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+}
+
+/// Keeps the client's X-Request-Id or sets a new one; returns the id.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&X_REQUEST_ID) {
+        return id.clone();
+    }
+    let id = RequestIds::global().next();
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+/// Request ids: 32 hex digits, a random per-process half and a counter half, so
+/// ids are unique across processes and cost no system call each.
+struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn global() -> &'static RequestIds {
+        static IDS: std::sync::OnceLock<RequestIds> = std::sync::OnceLock::new();
+        IDS.get_or_init(|| {
+            use std::hash::{BuildHasher, Hasher};
+            // RandomState is seeded from the OS's random source.
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u64(std::process::id().into());
+            let prefix = hasher.finish();
+            RequestIds {
+                prefix,
+                counter: AtomicU64::new(prefix.rotate_left(17)),
+            }
+        })
+    }
+
+    fn next(&self) -> HeaderValue {
+        let count = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut digits = [0u8; 32];
+        hex(self.prefix, &mut digits[..16]);
+        hex(count, &mut digits[16..]);
+        HeaderValue::from_bytes(&digits).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+fn hex(mut value: u64, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(value & 0xf) as usize];
+        value >>= 4;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn strips_fixed_and_connection_named_headers() {
+        let mut map = headers(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut map, false);
+        let left: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn keeps_te_trailers_and_tunnel_headers() {
+        let mut map = headers(&[
+            ("te", "trailers"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(is_upgrade_request(&map));
+        strip_hop_by_hop(&mut map, true);
+        assert_eq!(map.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert!(map.contains_key("upgrade"));
+        assert!(map.contains_key("connection"));
+    }
+
+    #[test]
+    fn appends_to_forwarded_for() {
+        let mut map = headers(&[("x-forwarded-for", "203.0.113.7")]);
+        set_forwarded(
+            &mut map,
+            "127.0.0.1".parse().expect("ip"),
+            false,
+            Some(HeaderValue::from_static("engine.example.com")),
+        );
+        assert_eq!(map["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+        assert_eq!(map["x-forwarded-proto"], "http");
+        assert_eq!(map["x-forwarded-host"], "engine.example.com");
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_unique() {
+        let mut map = headers(&[("x-request-id", "abc")]);
+        assert_eq!(ensure_request_id(&mut map), "abc");
+        let a = ensure_request_id(&mut HeaderMap::new());
+        let b = ensure_request_id(&mut HeaderMap::new());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+    }
+}

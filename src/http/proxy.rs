@@ -1,0 +1,237 @@
+//! Forwarding one request: route, pick, connect, send, and hand the response back
+//! with its body wrapped so the server's in-flight count and pooled connection
+//! are released when the body ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_util::task::TaskTracker;
+
+use super::body::{Completion, RequestBody, ResponseBody};
+use super::conn::ConnActivity;
+use super::error::ProxyError;
+use super::headers::{ensure_request_id, is_upgrade_request, set_forwarded, strip_hop_by_hop};
+use crate::balance::PickContext;
+use crate::config::Protocol;
+use crate::runtime::SharedRuntime;
+use crate::upstream::{Backend, Connection, InFlightGuard};
+
+/// What every request on one client connection shares.
+#[derive(Debug)]
+pub struct ConnContext {
+    pub runtime: SharedRuntime,
+    pub frontend: Arc<str>,
+    pub client: SocketAddr,
+    /// The client reached flowgate over TLS.
+    pub https: bool,
+    /// The client's address is refused by the frontend's allow/deny lists.
+    pub refused: bool,
+    pub activity: Arc<ConnActivity>,
+    /// Upgraded tunnels outlive their request; a graceful stop waits for them.
+    pub tunnels: TaskTracker,
+}
+
+/// The service hyper calls for each request.
+pub async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Response<ResponseBody> {
+    let active = ctx.activity.begin_request();
+    let response = if ctx.refused {
+        let mut response = ProxyError::Refused.into_response();
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    } else {
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        forward(&ctx, request).await.unwrap_or_else(|err| {
+            tracing::warn!(
+                frontend = %ctx.frontend,
+                client = %ctx.client,
+                %method,
+                path,
+                status = err.status().as_u16(),
+                error = %err,
+                "request failed"
+            );
+            err.into_response()
+        })
+    };
+    response.map(|body| body.track(active))
+}
+
+async fn forward(
+    ctx: &ConnContext,
+    mut request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let runtime = ctx.runtime.load_full();
+    let frontend = runtime
+        .frontend(&ctx.frontend)
+        .ok_or(ProxyError::NoServer)?;
+    let tunnel = request.version() == Version::HTTP_11 && is_upgrade_request(request.headers());
+    let client_upgrade = tunnel.then(|| hyper::upgrade::on(&mut request));
+
+    let (mut parts, body) = request.into_parts();
+    let backend = Arc::clone(frontend.router.route(&parts));
+    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+    });
+    strip_hop_by_hop(&mut parts.headers, tunnel);
+    // flowgate itself answers "Expect: 100-continue" (hyper sends the 100 when
+    // the body is first read, i.e. once a server connection is ready).
+    parts.headers.remove(header::EXPECT);
+    set_forwarded(&mut parts.headers, ctx.client.ip(), ctx.https, host.clone());
+    ensure_request_id(&mut parts.headers);
+    set_target(&mut parts, &backend, host)?;
+
+    let body = if body.is_end_stream() {
+        RequestBody::Empty
+    } else {
+        RequestBody::Streaming(body)
+    };
+    let request = Request::from_parts(parts, body);
+    let (mut response, guard, connection) = send(ctx, &backend, request).await?;
+
+    if tunnel && response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let server_upgrade = hyper::upgrade::on(&mut response);
+        if let Some(client_upgrade) = client_upgrade {
+            ctx.tunnels.spawn(async move {
+                let (client, server) = match tokio::try_join!(client_upgrade, server_upgrade) {
+                    Ok(pair) => pair,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "upgrade failed");
+                        return;
+                    }
+                };
+                let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+                if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                    tracing::debug!(error = %err, "tunnel ended");
+                }
+                // The server counts the tunnel as in flight until it closes.
+                drop(guard);
+                drop(connection);
+            });
+        }
+        let (mut parts, _) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers, true);
+        return Ok(Response::from_parts(parts, ResponseBody::empty()));
+    }
+
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    parts.version = Version::HTTP_11;
+    let completion = Completion {
+        guard,
+        connection: Some(connection),
+    };
+    Ok(Response::from_parts(
+        parts,
+        ResponseBody::upstream(body, completion),
+    ))
+}
+
+/// Rewrites the request target for the server's protocol: origin-form with a Host
+/// header for HTTP/1.1, an absolute URI (the `:authority`) for HTTP/2.
+fn set_target(
+    parts: &mut http::request::Parts,
+    backend: &Backend,
+    host: Option<HeaderValue>,
+) -> Result<(), ProxyError> {
+    match backend.config.protocol {
+        Protocol::Http1 => {
+            parts.version = Version::HTTP_11;
+            if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+                let path = parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/"));
+                parts.uri = Uri::from(path);
+            }
+            if let Some(host) = host
+                && !parts.headers.contains_key(header::HOST)
+            {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        Protocol::H2 => {
+            parts.version = Version::HTTP_2;
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.scheme = Some(Scheme::HTTP);
+            if let Some(host) = host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse().ok())
+            {
+                uri.authority = Some(host);
+            }
+            if uri.path_and_query.is_none() {
+                uri.path_and_query = Some(PathAndQuery::from_static("/"));
+            }
+            // Without a host of its own, the server's address is the authority
+            // (filled in once a server is picked).
+            if uri.authority.is_none() {
+                uri.authority = backend
+                    .servers
+                    .first()
+                    .map(|server| server.authority.clone());
+            }
+            parts.uri = Uri::from_parts(uri)
+                .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+            parts.headers.remove(header::HOST);
+        }
+    }
+    Ok(())
+}
+
+/// Picks a server and sends the request, retrying on another server when a
+/// connection could not be had: nothing was sent then, so any request is safe.
+async fn send(
+    ctx: &ConnContext,
+    backend: &Backend,
+    mut request: Request<RequestBody>,
+) -> Result<(Response<Incoming>, InFlightGuard, Connection), ProxyError> {
+    let pick = PickContext {
+        client: ctx.client.ip(),
+        key: None,
+    };
+    let mut retries_left = backend.config.retries;
+    loop {
+        let server = backend.pick(&pick).ok_or(ProxyError::NoServer)?;
+        let guard = server.begin();
+        let mut connection = match server.pool.checkout().await {
+            Ok(connection) => connection,
+            Err(err) => {
+                tracing::warn!(backend = %backend.name, server = %server.name, error = %err, "cannot connect to server");
+                if retries_left == 0 {
+                    return Err(err.into());
+                }
+                retries_left -= 1;
+                continue;
+            }
+        };
+        let timeout = backend.config.timeouts.response;
+        match tokio::time::timeout(timeout, connection.send(request)).await {
+            Err(_) => return Err(ProxyError::ResponseTimeout(timeout)),
+            Ok(Ok(response)) => return Ok((response, guard, connection)),
+            Ok(Err(mut err)) => match err.take_message() {
+                // A pooled connection the server had closed: the request was not
+                // written; try again on another connection.
+                Some(unsent) if connection.is_reused() => request = unsent,
+                Some(unsent) if retries_left > 0 => {
+                    retries_left -= 1;
+                    request = unsent;
+                }
+                _ => return Err(ProxyError::Upstream(err.into_error())),
+            },
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Tcp mode: one server connection per client session, bytes copied both ways
+//! with half-close passed on, and an idle timeout over both directions.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::balance::PickContext;
+use crate::runtime::Frontend;
+use crate::upstream::InFlightGuard;
+
+/// Runs one session to its end: both sides closed, an error, or `idle` without a
+/// byte in either direction.
+pub async fn session(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    frontend: Arc<Frontend>,
+    idle: Duration,
+) {
+    let Some((mut server, guard)) = connect(peer, &frontend).await else {
+        // Closing the client at once is the tcp-mode answer to "no server".
+        return;
+    };
+    let activity = Arc::new(Activity::new());
+    let mut client_side = Tracked::new(&mut client, &activity);
+    let mut server_side = Tracked::new(&mut server, &activity);
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client_side, &mut server_side) => match copied {
+            Ok((up, down)) => tracing::debug!(%peer, server = %guard.server().name, up, down, "session ended"),
+            Err(err) => tracing::debug!(%peer, server = %guard.server().name, error = %err, "session ended with an error"),
+        },
+        () = activity.idle_for(idle) => {
+            tracing::debug!(%peer, server = %guard.server().name, "session idle, closing");
+        }
+    }
+}
+
+/// Connects to a server of the frontend's backend, trying another server after a
+/// connect failure as long as `retries` allows.
+async fn connect(peer: SocketAddr, frontend: &Frontend) -> Option<(TcpStream, InFlightGuard)> {
+    let backend = frontend.router.default_backend();
+    let pick = PickContext {
+        client: peer.ip(),
+        key: None,
+    };
+    let timeout = backend.config.timeouts.connect;
+    let mut retries_left = backend.config.retries;
+    loop {
+        let Some(server) = backend.pick(&pick) else {
+            tracing::warn!(frontend = %frontend.name, backend = %backend.name, %peer, "no server available, closing session");
+            return None;
+        };
+        let guard = server.begin();
+        let error = match tokio::time::timeout(timeout, TcpStream::connect(server.addr)).await {
+            Ok(Ok(stream)) => {
+                if let Err(err) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+                }
+                return Some((stream, guard));
+            }
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => format!("connect timed out after {timeout:?}"),
+        };
+        tracing::warn!(backend = %backend.name, server = %server.name, error, "cannot connect to server");
+        if retries_left == 0 {
+            return None;
+        }
+        retries_left -= 1;
+    }
+}
+
+/// When either side of a session last moved a byte.
+#[derive(Debug)]
+struct Activity {
+    start: Instant,
+    /// Milliseconds since `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(elapsed, Ordering::Relaxed);
+    }
+
+    /// Completes once no byte moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            if deadline <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// A stream that records activity on every read and write.
+struct Tracked<'a, S> {
+    inner: &'a mut S,
+    activity: &'a Activity,
+}
+
+impl<'a, S> Tracked<'a, S> {
+    fn new(inner: &'a mut S, activity: &'a Activity) -> Self {
+        Tracked { inner, activity }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut *this.inner).poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = ready!(Pin::new(&mut *this.inner).poll_write(cx, buf))?;
+        this.activity.touch();
+        Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
+}

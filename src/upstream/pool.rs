@@ -1,0 +1,246 @@
+//! Connections to one server: keep-alive HTTP/1.1 connections reused LIFO, or one
+//! shared multiplexed HTTP/2 connection.
+//!
+//! Checkout connects before anything of the request is handed over, so a connect
+//! failure can always be retried elsewhere with the request intact; and
+//! `try_send_request` hands a request back when a pooled connection turned out to
+//! be closed before it was written.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{TrySendError, http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::config::Protocol;
+use crate::http::body::RequestBody;
+
+/// Idle HTTP/1.1 connections kept per server at most; more are closed.
+const MAX_IDLE_PER_SERVER: usize = 1024;
+
+/// Why no connection to the server could be had. Nothing of the request was sent,
+/// so every one of these is safe to retry on another server.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connect failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] hyper::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub protocol: Protocol,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// The connection pool of one server.
+#[derive(Debug)]
+pub struct Pool {
+    addr: SocketAddr,
+    settings: PoolSettings,
+    idle: Mutex<Vec<IdleConnection>>,
+    shared_h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+}
+
+#[derive(Debug)]
+struct IdleConnection {
+    sender: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+impl Pool {
+    pub fn new(addr: SocketAddr, settings: PoolSettings) -> Pool {
+        Pool {
+            addr,
+            settings,
+            idle: Mutex::new(Vec::new()),
+            shared_h2: Mutex::new(None),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    /// A ready connection: a pooled one if any is still good, else a new one.
+    pub async fn checkout(self: &Arc<Self>) -> Result<Connection, ConnectError> {
+        match self.settings.protocol {
+            Protocol::Http1 => self.checkout_http1().await,
+            Protocol::H2 => self.checkout_h2().await,
+        }
+    }
+
+    async fn checkout_http1(self: &Arc<Self>) -> Result<Connection, ConnectError> {
+        while let Some(mut idle) = self.pop_idle() {
+            // A connection whose last response just ended may need a moment to
+            // become ready; one the server closed fails here and is dropped.
+            if idle.sender.ready().await.is_ok() {
+                return Ok(Connection::new(Sender::Http1(idle.sender), self, true));
+            }
+        }
+        let stream = self.connect().await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.with_upgrades().await {
+                tracing::debug!(error = %err, "server connection ended");
+            }
+        });
+        Ok(Connection::new(Sender::Http1(sender), self, false))
+    }
+
+    async fn checkout_h2(self: &Arc<Self>) -> Result<Connection, ConnectError> {
+        if let Some(sender) = lock(&self.shared_h2).as_ref()
+            && sender.is_ready()
+        {
+            return Ok(Connection::new(Sender::H2(sender.clone()), self, true));
+        }
+        let stream = self.connect().await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(self.settings.idle_timeout / 2))
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "server h2 connection ended");
+            }
+        });
+        *lock(&self.shared_h2) = Some(sender.clone());
+        Ok(Connection::new(Sender::H2(sender), self, false))
+    }
+
+    async fn connect(&self) -> Result<TcpStream, ConnectError> {
+        let timeout = self.settings.connect_timeout;
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| ConnectError::Timeout(timeout))??;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    fn pop_idle(&self) -> Option<IdleConnection> {
+        let mut idle = lock(&self.idle);
+        while let Some(connection) = idle.pop() {
+            if connection.since.elapsed() < self.settings.idle_timeout
+                && !connection.sender.is_closed()
+            {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: http1::SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        if idle.len() < MAX_IDLE_PER_SERVER {
+            idle.push(IdleConnection {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes pooled connections idle for longer than the idle timeout (or closed
+    /// by the server). Called periodically, off the request path.
+    pub fn evict_expired(&self) {
+        let timeout = self.settings.idle_timeout;
+        lock(&self.idle).retain(|connection| {
+            connection.since.elapsed() < timeout && !connection.sender.is_closed()
+        });
+        let mut shared = lock(&self.shared_h2);
+        if shared.as_ref().is_some_and(|sender| sender.is_closed()) {
+            *shared = None;
+        }
+    }
+
+    /// Closes every idle connection (the server left the config).
+    pub fn close_idle(&self) {
+        lock(&self.idle).clear();
+        lock(&self.shared_h2).take();
+    }
+
+    /// Idle HTTP/1.1 connections held now.
+    pub fn idle_count(&self) -> usize {
+        lock(&self.idle).len()
+    }
+}
+
+/// The pool's lists stay consistent under any panic (each critical section is a
+/// single push, pop or retain), so a poisoned lock is safe to keep using.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Debug)]
+enum Sender {
+    Http1(http1::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
+}
+
+/// A connection checked out of a pool for one request. Hand it back with
+/// [`Connection::release`] once the response has been read to its end; dropping
+/// it instead closes an HTTP/1.1 connection.
+#[derive(Debug)]
+pub struct Connection {
+    sender: Sender,
+    pool: Arc<Pool>,
+    reused: bool,
+}
+
+impl Connection {
+    fn new(sender: Sender, pool: &Arc<Pool>, reused: bool) -> Connection {
+        Connection {
+            sender,
+            pool: Arc::clone(pool),
+            reused,
+        }
+    }
+
+    /// Whether this connection came out of the pool (and may have been closed by
+    /// the server meanwhile).
+    pub fn is_reused(&self) -> bool {
+        self.reused
+    }
+
+    pub fn is_http2(&self) -> bool {
+        matches!(self.sender, Sender::H2(_))
+    }
+
+    /// Sends the request. When the request was not written at all (the pooled
+    /// connection was closed), the error gives it back for another attempt.
+    pub async fn send(
+        &mut self,
+        request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
+        match &mut self.sender {
+            Sender::Http1(sender) => sender.try_send_request(request).await,
+            Sender::H2(sender) => sender.try_send_request(request).await,
+        }
+    }
+
+    /// Returns the connection to its pool for the next request.
+    pub fn release(self) {
+        match self.sender {
+            Sender::Http1(sender) => self.pool.checkin(sender),
+            Sender::H2(_) => {}
+        }
+    }
+}
