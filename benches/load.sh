@@ -17,6 +17,9 @@
 #   DURATION      seconds of measured load per row (default 10; 2 with SMOKE=1)
 #   CONNECTIONS   wrk connections (default 64)
 #   PROXIES       rows to run, in order (default "flowgate haproxy nginx direct")
+#   ROUNDS        run the whole set of rows this many times, interleaved, and
+#                 report the median of each column (default 1); loopback
+#                 numbers on small virtual machines vary a lot between runs
 #   SMOKE=1       short run; then any error count also fails the run
 #   PROXY_CPU     core for the proxy under test (default: first allowed core)
 #   LOAD_CPU      core for the origins and wrk (default: second allowed core)
@@ -43,6 +46,7 @@ else
     DURATION=${DURATION:-10}
 fi
 CONNECTIONS=${CONNECTIONS:-64}
+ROUNDS=${ROUNDS:-1}
 PROXIES=${PROXIES:-flowgate haproxy nginx direct}
 KEEP_TMP=${KEEP_TMP:-0}
 # cargo reads a relative CARGO_TARGET_DIR against its working directory, and
@@ -67,13 +71,16 @@ usage_error() { log "usage error: $*"; exit 2; }
 
 [[ $DURATION =~ ^[1-9][0-9]*$ ]] || usage_error "DURATION must be a positive integer (seconds), got '$DURATION'"
 [[ $CONNECTIONS =~ ^[1-9][0-9]*$ ]] || usage_error "CONNECTIONS must be a positive integer, got '$CONNECTIONS'"
+[[ $ROUNDS =~ ^[1-9][0-9]*$ && $ROUNDS -le 100 ]] || usage_error "ROUNDS must be an integer from 1 to 100, got '$ROUNDS'"
+ROW_NAMES=()
 for p in $PROXIES; do
     case $p in
         flowgate | haproxy | nginx | direct) ;;
         *) usage_error "unknown entry '$p' in PROXIES (known: flowgate haproxy nginx direct)" ;;
     esac
+    [[ " ${ROW_NAMES[*]} " == *" $p "* ]] || ROW_NAMES+=("$p")
 done
-[[ -n ${PROXIES// /} ]] || usage_error "PROXIES is empty"
+((${#ROW_NAMES[@]})) || usage_error "PROXIES is empty"
 
 wants() { [[ " $PROXIES " == *" $1 "* ]]; }
 
@@ -312,18 +319,20 @@ to_ms() {
     }'
 }
 
-RESULT_ROWS=()
+# Per row name: space-separated values, one per round.
+declare -A R_RPS=() R_P50=() R_P99=() R_CPU=() R_ERR=() R_FAIL=()
 CORE_NOTES=()
 FAILED=0
+ROUND=1
 
 # Runs wrk against URL; with PID non-empty, measures that process tree's CPU.
-# Appends a table row for NAME.
+# Records the round's numbers for NAME.
 measure() {
     local name=$1 url=$2 pid=$3 out cpu0 cpu1 pcore0 pcore1 lcore0 lcore1 rc=0
-    out="$TMP/wrk-$name.txt"
+    out="$TMP/wrk-$name-round$ROUND.txt"
     log "$name: warm-up ${WARMUP}s"
     run_waited timeout -k 5 $((WARMUP + 30)) \
-        taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" "$url" >"$TMP/wrk-$name-warmup.txt" 2>&1 || true
+        taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" "$url" >"$TMP/wrk-$name-round$ROUND-warmup.txt" 2>&1 || true
     log "$name: wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency $url"
     if [[ -n $pid ]]; then cpu0=$(cpu_seconds "$pid"); fi
     pcore0=$(core_jiffies "$PROXY_CPU")
@@ -363,15 +372,48 @@ measure() {
         grep -E 'Non-2xx|Socket errors' "$out" | sed 's/^/    /' >&2
         if [[ $SMOKE == 1 ]]; then FAILED=1; fi
     fi
-    RESULT_ROWS+=("| $name | $rps | $p50 ms | $p99 ms | $cpu_per_10k | $errs |")
+    R_RPS[$name]+="$rps "
+    R_P50[$name]+="$p50 "
+    R_P99[$name]+="$p99 "
+    R_CPU[$name]+="$cpu_per_10k "
+    R_ERR[$name]+="$errs "
     local note="- $name:"
+    if ((ROUNDS > 1)); then note="- round $ROUND, $name:"; fi
+    note+=" $rps req/s;"
     if [[ -n $pid ]]; then note+=" proxy core $PROXY_CPU $(busy_percent "$pcore0" "$pcore1") busy,"; fi
     CORE_NOTES+=("$note load core $LOAD_CPU $(busy_percent "$lcore0" "$lcore1") busy")
 }
 
 fail_row() {
-    RESULT_ROWS+=("| $1 | - | - | - | - | $2 |")
+    local what=$2
+    if ((ROUNDS > 1)); then what+=" (round $ROUND)"; fi
+    [[ -n ${R_FAIL[$1]:-} ]] || R_FAIL[$1]=$what
     FAILED=1
+}
+
+# Median of the numbers in $1 (space-separated), printed with format $2;
+# "n/a" when there are none.
+median() {
+    # shellcheck disable=SC2086  # the list is split on purpose
+    printf '%s\n' $1 | grep -E '^[0-9.]+$' | sort -g | awk -v fmt="$2" '
+        { a[NR] = $1 }
+        END {
+            if (NR == 0) { print "n/a"; exit }
+            m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
+            printf fmt, m
+        }'
+}
+
+# The Markdown table row of NAME over all rounds.
+table_row() {
+    local name=$1 errs=0 e
+    if [[ -n ${R_FAIL[$name]:-} ]]; then
+        echo "| $name | - | - | - | - | ${R_FAIL[$name]} |"
+        return
+    fi
+    for e in ${R_ERR[$name]:-}; do errs=$((errs + e)); done
+    echo "| $name | $(median "${R_RPS[$name]:-}" %.0f) | $(median "${R_P50[$name]:-}" %.2f) ms" \
+        "| $(median "${R_P99[$name]:-}" %.2f) ms | $(median "${R_CPU[$name]:-}" %.4f) | $errs |"
 }
 
 # --------------------------------------------------------------------------
@@ -511,12 +553,15 @@ done
 body_len=$(curl -s "http://127.0.0.1:${ORIGIN_PORTS[0]}/" | wc -c)
 log "origins up (PID $ORIGINS_PID, core $LOAD_CPU), body $body_len bytes"
 
-for name in $PROXIES; do
-    if [[ $name == direct ]]; then
-        measure direct "http://127.0.0.1:${ORIGIN_PORTS[0]}/" ""
-    else
-        run_proxy_row "$name"
-    fi
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+    if ((ROUNDS > 1)); then log "round $ROUND of $ROUNDS"; fi
+    for name in "${ROW_NAMES[@]}"; do
+        if [[ $name == direct ]]; then
+            measure direct "http://127.0.0.1:${ORIGIN_PORTS[0]}/" ""
+        else
+            run_proxy_row "$name"
+        fi
+    done
 done
 
 # --------------------------------------------------------------------------
@@ -547,13 +592,17 @@ report() {
     echo "- load: wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency, HTTP/1.1 keep-alive, 100-byte responses, ${WARMUP}s warm-up"
     echo "- pinning: proxy on core $PROXY_CPU; origins (nginx, 1 worker) and wrk on core $LOAD_CPU"
     echo "- errors: non-2xx/3xx responses plus socket errors; CPU: proxy utime+stime over the measured run"
+    if ((ROUNDS > 1)); then
+        echo "- rounds: $ROUNDS, rows interleaved; the table shows the median of each column, errors summed"
+    fi
     echo
     echo "| proxy | req/s | p50 | p99 | CPU s / 10k req | errors |"
     echo "| --- | ---: | ---: | ---: | ---: | ---: |"
-    printf '%s\n' "${RESULT_ROWS[@]}"
+    local name
+    for name in "${ROW_NAMES[@]}"; do table_row "$name"; done
     if ((${#CORE_NOTES[@]})); then
         echo
-        echo "Core utilisation during each measured run (a load core near 100% means wrk and the origins, not the proxy, set the pace):"
+        echo "Each measured run (a load core near 100% busy means wrk and the origins, not the proxy alone, set the pace):"
         echo
         printf '%s\n' "${CORE_NOTES[@]}"
     fi
