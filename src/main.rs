@@ -64,7 +64,7 @@ fn main() -> ExitCode {
             let Some(runtime) = build_runtime(config.global.threads) else {
                 return ExitCode::from(1);
             };
-            let code = runtime.block_on(flowgate::supervisor::run(config));
+            let code = runtime.block_on(flowgate::supervisor::run(config, None));
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
         Command::Demo { listen } => {

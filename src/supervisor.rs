@@ -1,26 +1,36 @@
-//! The running proxy: owns the snapshot, the listener set and the order of start
-//! and stop.
+//! The running proxy: owns the snapshot, the listener set, the health checkers
+//! and the order of start, reload and stop.
 //!
-//! Start binds every listener before any accepts, so a config that cannot bind
-//! fails whole. Stop closes the listening sockets at once, asks every connection
-//! to finish what it has in flight, and returns as soon as nothing is left, or
-//! when the grace period ends.
+//! - Start binds every listener before any accepts (a config that cannot bind
+//!   fails whole), runs the first check of every server, then accepts.
+//! - Reload validates the new file completely, binds the listeners it adds,
+//!   builds the new snapshot from the old one (server state carried over by
+//!   identity), checks servers it adds, then publishes it in one swap. Listeners
+//!   whose address stays keep their socket; removed ones stop accepting at once
+//!   and their connections drain up to `grace_period`. Any failure leaves the
+//!   running config untouched.
+//! - Stop closes the listening sockets at once, asks every connection to finish
+//!   what it has in flight, and returns as soon as nothing is left, or when the
+//!   grace period ends.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::watch::{ConfigWatcher, fingerprint};
+use crate::config::{self, Config, ConfigErrors};
 use crate::health::{self, HealthChecks};
-use crate::listener::{self, Listener, Shared};
+use crate::listener::{self, Listener, ListenerControl, ListenerSettings, Shared};
 use crate::runtime::{Runtime, SharedRuntime};
 
 /// How often idle pooled server connections are checked for expiry.
@@ -36,13 +46,84 @@ pub enum StartError {
     },
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    #[error("{0}")]
+    Bind(#[from] StartError),
+}
+
+/// Reload counters, for metrics and the admin API.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub successes: AtomicU64,
+    pub failures: AtomicU64,
+    /// Unix time in seconds of the last successful load (the start counts).
+    pub last_success_unix: AtomicU64,
+    /// The errors of the last failed reload, until a reload succeeds.
+    pub last_errors: Mutex<Option<String>>,
+}
+
+impl ReloadStats {
+    fn succeeded(&self, first: bool) {
+        if !first {
+            self.successes.fetch_add(1, Ordering::Relaxed);
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.last_success_unix.store(now, Ordering::Relaxed);
+        *self.last_errors.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    fn failed(&self, errors: String) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        *self.last_errors.lock().unwrap_or_else(PoisonError::into_inner) = Some(errors);
+    }
+}
+
+/// A listening socket's identity across reloads: its configured address, or for
+/// an ephemeral port (`:0`) its place in the config, since several may share
+/// an address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ListenerKey {
+    addr: SocketAddr,
+    ephemeral: Option<(String, usize)>,
+}
+
+fn listener_keys(config: &Config) -> Vec<(ListenerKey, &config::Frontend)> {
+    config
+        .frontends
+        .iter()
+        .flat_map(|frontend| {
+            frontend.bind.iter().enumerate().map(move |(index, &addr)| {
+                let ephemeral = (addr.port() == 0).then(|| (frontend.name.clone(), index));
+                (ListenerKey { addr, ephemeral }, frontend)
+            })
+        })
+        .collect()
+}
+
 /// A listening socket as the supervisor tracks it.
 #[derive(Debug, Clone)]
 pub struct BoundListener {
-    pub frontend: Arc<str>,
+    key_addr: SocketAddr,
+    key_ephemeral: Option<(String, usize)>,
     /// The bound address (the real port where the config said 0).
     pub addr: SocketAddr,
-    stop: CancellationToken,
+    pub control: Arc<ListenerControl>,
+}
+
+impl BoundListener {
+    fn key(&self) -> ListenerKey {
+        ListenerKey {
+            addr: self.key_addr,
+            ephemeral: self.key_ephemeral.clone(),
+        }
+    }
+
+    pub fn frontend(&self) -> Arc<str> {
+        self.control.frontend()
+    }
 }
 
 /// A running proxy.
@@ -51,33 +132,22 @@ pub struct Proxy {
     runtime: SharedRuntime,
     shared: Shared,
     listeners: Vec<BoundListener>,
+    /// Per-frontend connection limits: (max, semaphore).
+    frontend_limits: HashMap<String, (usize, Arc<Semaphore>)>,
+    connection_limit: usize,
     accept_loops: TaskTracker,
     checks: HealthChecks,
+    reloads: Arc<ReloadStats>,
     background: CancellationToken,
 }
 
 impl Proxy {
-    /// Binds every listener of `config` and starts serving.
+    /// Binds every listener of `config`, runs the first health checks and starts
+    /// serving.
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
         let config = Arc::new(config);
-        let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(Runtime::build(
-            Arc::clone(&config),
-            None,
-        )));
-
-        let mut sockets = Vec::new();
-        for frontend in &config.frontends {
-            for &addr in &frontend.bind {
-                let socket = listener::bind(addr)
-                    .and_then(TcpListener::from_std)
-                    .map_err(|source| StartError::Bind {
-                        frontend: frontend.name.clone(),
-                        addr,
-                        source,
-                    })?;
-                sockets.push((frontend, socket));
-            }
-        }
+        let sockets = bind_all(listener_keys(&config))?;
+        let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(Runtime::build(Arc::clone(&config), None)));
 
         // Every server gets its first check before the first client is accepted,
         // so flowgate never starts with an empty pool (each check is bounded by
@@ -91,53 +161,34 @@ impl Proxy {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         };
-        let mut limits: HashMap<&str, Arc<Semaphore>> = HashMap::new();
-        let accept_loops = TaskTracker::new();
-        let mut listeners = Vec::new();
-        for (frontend, socket) in sockets {
-            let limit = frontend.max_connections.map(|max| {
-                Arc::clone(
-                    limits
-                        .entry(frontend.name.as_str())
-                        .or_insert_with(|| Arc::new(Semaphore::new(max))),
-                )
-            });
-            let name: Arc<str> = Arc::from(frontend.name.as_str());
-            let stop = CancellationToken::new();
-            let listener = Listener {
-                frontend: Arc::clone(&name),
-                listener: socket,
-                limit,
-                stop: stop.clone(),
-            };
-            let addr = listener.local_addr().map_err(|source| StartError::Bind {
-                frontend: frontend.name.clone(),
-                addr: frontend.bind[0],
-                source,
-            })?;
-            tracing::info!(frontend = %name, %addr, "listening");
-            accept_loops.spawn(listener.run(shared.clone()));
-            listeners.push(BoundListener {
-                frontend: name,
-                addr,
-                stop,
-            });
-        }
-
         let background = CancellationToken::new();
         tokio::spawn(sweep_pools(Arc::clone(&runtime), background.clone()));
-        Ok(Proxy {
+        let reloads = Arc::new(ReloadStats::default());
+        reloads.succeeded(true);
+        let mut proxy = Proxy {
             runtime,
             shared,
-            listeners,
-            accept_loops,
+            listeners: Vec::new(),
+            frontend_limits: HashMap::new(),
+            connection_limit: config.global.max_connections,
+            accept_loops: TaskTracker::new(),
             checks,
+            reloads,
             background,
-        })
+        };
+        proxy.update_frontend_limits(&config);
+        for (key, frontend, socket) in sockets {
+            proxy.serve(key, frontend, socket)?;
+        }
+        Ok(proxy)
     }
 
     pub fn runtime(&self) -> &SharedRuntime {
         &self.runtime
+    }
+
+    pub fn reload_stats(&self) -> &Arc<ReloadStats> {
+        &self.reloads
     }
 
     pub fn listeners(&self) -> &[BoundListener] {
@@ -148,23 +199,164 @@ impl Proxy {
     pub fn local_addr(&self, frontend: &str) -> Option<SocketAddr> {
         self.listeners
             .iter()
-            .find(|listener| &*listener.frontend == frontend)
+            .find(|listener| &*listener.frontend() == frontend)
             .map(|listener| listener.addr)
+    }
+
+    /// Every bound address of a frontend.
+    pub fn local_addrs(&self, frontend: &str) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter(|listener| &*listener.frontend() == frontend)
+            .map(|listener| listener.addr)
+            .collect()
+    }
+
+    /// Reads, validates and applies the config file the running config came
+    /// from. On any error the running config stays as it is.
+    pub async fn reload_file(&mut self) -> Result<u64, ReloadError> {
+        let path = self.runtime.load().config.path.clone();
+        // Loading resolves server host names: blocking work.
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
+        let config = match loaded {
+            Ok(Ok(config)) => config,
+            Ok(Err(errors)) => {
+                self.reloads.failed(errors.to_string());
+                return Err(ReloadError::Invalid(errors));
+            }
+            Err(join) => {
+                let errors = ConfigErrors::single(config::ConfigError::file("config", join.to_string()));
+                self.reloads.failed(errors.to_string());
+                return Err(ReloadError::Invalid(errors));
+            }
+        };
+        self.reload(config).await
+    }
+
+    /// Applies a validated config; returns the new generation. Fails whole, with
+    /// the running config untouched, when a new listener cannot bind.
+    pub async fn reload(&mut self, config: Config) -> Result<u64, ReloadError> {
+        let config = Arc::new(config);
+        let keys = listener_keys(&config);
+        let current: HashMap<ListenerKey, usize> =
+            self.listeners.iter().enumerate().map(|(i, l)| (l.key(), i)).collect();
+        let added: Vec<_> = keys.iter().filter(|(key, _)| !current.contains_key(key)).cloned().collect();
+        let fresh = match bind_all(added) {
+            Ok(fresh) => fresh,
+            Err(err) => {
+                self.reloads.failed(err.to_string());
+                return Err(err.into());
+            }
+        };
+
+        let previous = self.runtime.load_full();
+        let next = Runtime::build(Arc::clone(&config), Some(&previous));
+        // Servers the reload adds are checked before they take traffic.
+        health::first_checks_done(self.checks.sync(&next)).await;
+        let generation = next.generation;
+        self.runtime.store(Arc::new(next));
+
+        self.update_connection_limit(config.global.max_connections);
+        self.update_frontend_limits(&config);
+        let wanted: HashMap<&ListenerKey, &config::Frontend> = keys.iter().map(|(k, f)| (k, *f)).collect();
+        let grace = config.global.grace_period;
+        let mut kept = Vec::new();
+        for listener in std::mem::take(&mut self.listeners) {
+            match wanted.get(&listener.key()) {
+                Some(frontend) => {
+                    listener.control.settings.store(Arc::new(self.settings_for(frontend)));
+                    kept.push(listener);
+                }
+                None => retire(&listener, grace),
+            }
+        }
+        self.listeners = kept;
+        for (key, frontend, socket) in fresh {
+            self.serve(key, frontend, socket)?;
+        }
+        close_removed_pools(&previous, &self.runtime.load());
+        self.reloads.succeeded(false);
+        tracing::info!(generation, "configuration reloaded");
+        Ok(generation)
+    }
+
+    /// Starts accepting on a bound socket.
+    fn serve(&mut self, key: ListenerKey, frontend: &config::Frontend, socket: TcpListener) -> Result<(), StartError> {
+        let addr = socket.local_addr().map_err(|source| StartError::Bind {
+            frontend: frontend.name.clone(),
+            addr: key.addr,
+            source,
+        })?;
+        let control = Arc::new(ListenerControl::new(self.settings_for(frontend), &self.shared.shutdown));
+        tracing::info!(frontend = %frontend.name, %addr, "listening");
+        self.accept_loops.spawn(
+            Listener {
+                listener: socket,
+                control: Arc::clone(&control),
+            }
+            .run(self.shared.clone()),
+        );
+        self.listeners.push(BoundListener {
+            key_addr: key.addr,
+            key_ephemeral: key.ephemeral,
+            addr,
+            control,
+        });
+        Ok(())
+    }
+
+    fn settings_for(&self, frontend: &config::Frontend) -> ListenerSettings {
+        ListenerSettings {
+            frontend: Arc::from(frontend.name.as_str()),
+            limit: self
+                .frontend_limits
+                .get(&frontend.name)
+                .map(|(_, semaphore)| Arc::clone(semaphore)),
+        }
+    }
+
+    /// A frontend whose limit changed gets a new semaphore; connections already
+    /// open keep the permit of the old one until they close.
+    fn update_frontend_limits(&mut self, config: &Config) {
+        let mut limits = HashMap::new();
+        for frontend in &config.frontends {
+            if let Some(max) = frontend.max_connections {
+                let limit = match self.frontend_limits.remove(&frontend.name) {
+                    Some((old_max, semaphore)) if old_max == max => (old_max, semaphore),
+                    _ => (max, Arc::new(Semaphore::new(max))),
+                };
+                limits.insert(frontend.name.clone(), limit);
+            }
+        }
+        self.frontend_limits = limits;
+    }
+
+    fn update_connection_limit(&mut self, max: usize) {
+        let semaphore = &self.shared.connections;
+        if max > self.connection_limit {
+            semaphore.add_permits(max - self.connection_limit);
+        } else {
+            // Only free permits can go at once; the limit is reached as
+            // connections close.
+            let forgotten = semaphore.forget_permits(self.connection_limit - max);
+            if forgotten < self.connection_limit - max {
+                tracing::info!(max, "lower max_connections applies as connections close");
+            }
+        }
+        self.connection_limit = max;
     }
 
     /// Graceful stop. Returns `true` when everything in flight finished within
     /// `grace`, `false` when the rest had to be cut.
     pub async fn shutdown(mut self, grace: Duration) -> bool {
         for listener in &self.listeners {
-            listener.stop.cancel();
+            listener.control.stop.cancel();
         }
         self.accept_loops.close();
         self.accept_loops.wait().await;
         self.shared.shutdown.cancel();
         self.shared.tracker.close();
-        let drained = tokio::time::timeout(grace, self.shared.tracker.wait())
-            .await
-            .is_ok();
+        let drained = tokio::time::timeout(grace, self.shared.tracker.wait()).await.is_ok();
         self.checks.stop_all();
         self.background.cancel();
         if drained {
@@ -173,6 +365,55 @@ impl Proxy {
             tracing::warn!(grace = ?grace, "stopped: grace period over, closing what is left");
         }
         drained
+    }
+}
+
+/// Binds the listed sockets; fails whole (closing what it bound) on the first
+/// address that cannot be bound.
+fn bind_all<'a>(
+    keys: Vec<(ListenerKey, &'a config::Frontend)>,
+) -> Result<Vec<(ListenerKey, &'a config::Frontend, TcpListener)>, StartError> {
+    keys.into_iter()
+        .map(|(key, frontend)| {
+            let socket = listener::bind(key.addr)
+                .and_then(TcpListener::from_std)
+                .map_err(|source| StartError::Bind {
+                    frontend: frontend.name.clone(),
+                    addr: key.addr,
+                    source,
+                })?;
+            Ok((key, frontend, socket))
+        })
+        .collect()
+}
+
+/// A listener the new config no longer has: stop accepting now, let its
+/// connections finish, and close what is left after `grace`.
+fn retire(listener: &BoundListener, grace: Duration) {
+    tracing::info!(frontend = %listener.frontend(), addr = %listener.addr, "listener removed, draining its connections");
+    listener.control.stop.cancel();
+    listener.control.drain.cancel();
+    let kill = listener.control.kill.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        kill.cancel();
+    });
+}
+
+/// Servers that left the config finish their in-flight work (their guards hold
+/// them); their idle pooled connections close now.
+fn close_removed_pools(previous: &Runtime, next: &Runtime) {
+    for backend in previous.backends() {
+        for server in &backend.servers {
+            let still_used = next.backend(&backend.name).is_some_and(|kept| {
+                kept.servers
+                    .iter()
+                    .any(|other| Arc::ptr_eq(&other.pool, &server.pool))
+            });
+            if !still_used {
+                server.pool.close_idle();
+            }
+        }
     }
 }
 
@@ -195,39 +436,183 @@ async fn sweep_pools(runtime: SharedRuntime, stop: CancellationToken) {
     }
 }
 
-/// Runs `config` until SIGTERM or SIGINT, then stops gracefully. Returns the
-/// process exit code.
-pub async fn run(config: Config) -> i32 {
-    let grace = config.global.grace_period;
-    let proxy = match Proxy::start(config).await {
+/// A reload asked for from outside the supervisor (the admin API); the answer
+/// is the new generation or the errors.
+#[derive(Debug)]
+pub struct ReloadRequest {
+    pub reply: oneshot::Sender<Result<u64, String>>,
+}
+
+/// Where to send reload requests to the running supervisor.
+pub type ReloadHandle = mpsc::Sender<ReloadRequest>;
+
+/// Runs `config` until SIGTERM or SIGINT, reloading on SIGHUP, on changes to the
+/// config file or the files it names, and on requests through `reloads`, then
+/// stops gracefully. Returns the process exit code.
+pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>) -> i32 {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    // Handlers first: a signal during start must not kill the process.
+    let (mut terminate, mut interrupt, mut hangup) =
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
+            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+            _ => {
+                tracing::error!("cannot install signal handlers");
+                return 1;
+            }
+        };
+    let mut proxy = match Proxy::start(config).await {
         Ok(proxy) => proxy,
         Err(err) => {
             tracing::error!("{err}");
             return 1;
         }
     };
-    if let Err(err) = wait_for_stop().await {
-        tracing::error!(error = %err, "cannot install signal handlers");
-        return 1;
+    let mut watcher = match ConfigWatcher::new() {
+        Ok(watcher) => Some(watcher),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch the config file; reload with SIGHUP");
+            None
+        }
+    };
+    let mut watched = watched_files(&proxy.runtime().load().config);
+    let mut last_fingerprint = fingerprint(&watched);
+    if let Some(watcher) = watcher.as_mut() {
+        watcher.watch(&watched);
     }
+    let mut requests = requests;
+    let watchdog = systemd::watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    systemd::ready();
+
+    loop {
+        let trigger = tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = hangup.recv() => Trigger::Signal,
+            () = changed(&mut watcher) => {
+                let now = fingerprint(&watched);
+                if now == last_fingerprint {
+                    continue;
+                }
+                Trigger::FileChange
+            }
+            Some(request) = next_request(&mut requests) => Trigger::Api(request.reply),
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                systemd::watchdog();
+                continue;
+            }
+        };
+        let started = Instant::now();
+        systemd::reloading();
+        let result = proxy.reload_file().await;
+        systemd::ready();
+        let reply = match &result {
+            Ok(generation) => {
+                tracing::info!(
+                    generation,
+                    trigger = trigger.name(),
+                    took_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "reload applied"
+                );
+                Ok(*generation)
+            }
+            Err(err) => {
+                for line in err.to_string().lines() {
+                    tracing::error!("reload failed, running config kept: {line}");
+                }
+                Err(err.to_string())
+            }
+        };
+        // Watch what the running config names, and remember what it read.
+        watched = watched_files(&proxy.runtime().load().config);
+        last_fingerprint = fingerprint(&watched);
+        if let Some(watcher) = watcher.as_mut() {
+            watcher.watch(&watched);
+        }
+        if let Trigger::Api(sender) = trigger {
+            let _ = sender.send(reply);
+        }
+    }
+    tracing::info!("stop requested: closing listeners, finishing in-flight work");
+    systemd::stopping();
+    let grace = proxy.runtime().load().config.global.grace_period;
     proxy.shutdown(grace).await;
     0
 }
 
-async fn wait_for_stop() -> io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-            _ = hangup.recv() => {
-                tracing::warn!("SIGHUP received: configuration reload is not available yet; restart to apply changes");
-            }
+enum Trigger {
+    Signal,
+    FileChange,
+    Api(oneshot::Sender<Result<u64, String>>),
+}
+
+impl Trigger {
+    fn name(&self) -> &'static str {
+        match self {
+            Trigger::Signal => "SIGHUP",
+            Trigger::FileChange => "file change",
+            Trigger::Api(_) => "admin API",
         }
     }
-    tracing::info!("stop requested: closing listeners, finishing in-flight work");
-    Ok(())
+}
+
+fn watched_files(config: &Config) -> Vec<PathBuf> {
+    let mut files = vec![config.path.clone()];
+    files.extend(config.referenced_files());
+    files
+}
+
+async fn changed(watcher: &mut Option<ConfigWatcher>) {
+    match watcher {
+        Some(watcher) => watcher.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_request(requests: &mut Option<mpsc::Receiver<ReloadRequest>>) -> Option<ReloadRequest> {
+    match requests {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// systemd's notify protocol (`Type=notify`); every call is a no-op without
+/// `NOTIFY_SOCKET`.
+mod systemd {
+    use std::time::Duration;
+
+    use sd_notify::NotifyState;
+
+    fn send(states: &[NotifyState<'_>]) {
+        if let Err(err) = sd_notify::notify(false, states) {
+            tracing::debug!(error = %err, "sd_notify failed");
+        }
+    }
+
+    pub fn ready() {
+        send(&[NotifyState::Ready]);
+    }
+
+    /// RELOADING=1 and MONOTONIC_USEC in one message, as systemd requires.
+    pub fn reloading() {
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => send(&[NotifyState::Reloading, now]),
+            Err(_) => send(&[NotifyState::Reloading]),
+        }
+    }
+
+    pub fn stopping() {
+        send(&[NotifyState::Stopping]);
+    }
+
+    pub fn watchdog() {
+        send(&[NotifyState::Watchdog]);
+    }
+
+    /// Half of `WATCHDOG_USEC`, when systemd wants watchdog pings.
+    pub fn watchdog_interval() -> Option<Duration> {
+        let mut usec = 0;
+        sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+    }
 }

@@ -11,6 +11,7 @@ mod reader;
 mod sections;
 mod units;
 mod validate;
+pub mod watch;
 
 #[cfg(test)]
 mod tests;

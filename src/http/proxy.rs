@@ -20,6 +20,7 @@ use super::error::ProxyError;
 use super::headers::{ensure_request_id, is_upgrade_request, set_forwarded, strip_hop_by_hop};
 use crate::balance::PickContext;
 use crate::config::Protocol;
+use crate::listener::ListenerControl;
 use crate::runtime::SharedRuntime;
 use crate::upstream::{Backend, Connection, InFlightGuard, Server, Unavailable};
 
@@ -27,7 +28,9 @@ use crate::upstream::{Backend, Connection, InFlightGuard, Server, Unavailable};
 #[derive(Debug)]
 pub struct ConnContext {
     pub runtime: SharedRuntime,
-    pub frontend: Arc<str>,
+    /// The listener the client came through; it names the frontend to serve,
+    /// which a reload may change.
+    pub listener: Arc<ListenerControl>,
     pub client: SocketAddr,
     /// The client reached flowgate over TLS.
     pub https: bool,
@@ -52,7 +55,7 @@ pub async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Respon
         let path = request.uri().path().to_owned();
         forward(&ctx, request).await.unwrap_or_else(|err| {
             tracing::warn!(
-                frontend = %ctx.frontend,
+                frontend = %ctx.listener.frontend(),
                 client = %ctx.client,
                 %method,
                 path,
@@ -72,7 +75,7 @@ async fn forward(
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let runtime = ctx.runtime.load_full();
     let frontend = runtime
-        .frontend(&ctx.frontend)
+        .frontend(&ctx.listener.settings.load().frontend)
         .ok_or(ProxyError::Unavailable(Unavailable::NoServer))?;
     let tunnel = request.version() == Version::HTTP_11 && is_upgrade_request(request.headers());
     let client_upgrade = tunnel.then(|| hyper::upgrade::on(&mut request));

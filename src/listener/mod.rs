@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -49,15 +50,49 @@ pub struct Shared {
     pub shutdown: CancellationToken,
 }
 
-/// One listening socket of a frontend.
+/// What a listener serves, swapped whole when a reload changes it.
 #[derive(Debug)]
-pub struct Listener {
+pub struct ListenerSettings {
     pub frontend: Arc<str>,
-    pub listener: TcpListener,
     /// The frontend's own `max_connections`, when it has one.
     pub limit: Option<Arc<Semaphore>>,
-    /// Cancelled to stop accepting on this socket (stop, or removed by a reload).
+}
+
+/// A listener's controls, shared by its accept loop, its connections and the
+/// supervisor.
+#[derive(Debug)]
+pub struct ListenerControl {
+    pub settings: ArcSwap<ListenerSettings>,
+    /// Stop accepting: the socket closes at once.
     pub stop: CancellationToken,
+    /// Ask this listener's connections to finish what is in flight and close
+    /// (a child of the process-wide shutdown).
+    pub drain: CancellationToken,
+    /// Close this listener's connections now (the drain grace period is over).
+    pub kill: CancellationToken,
+}
+
+impl ListenerControl {
+    pub fn new(settings: ListenerSettings, shutdown: &CancellationToken) -> ListenerControl {
+        ListenerControl {
+            settings: ArcSwap::from_pointee(settings),
+            stop: CancellationToken::new(),
+            drain: shutdown.child_token(),
+            kill: CancellationToken::new(),
+        }
+    }
+
+    /// The frontend this listener serves now.
+    pub fn frontend(&self) -> Arc<str> {
+        Arc::clone(&self.settings.load().frontend)
+    }
+}
+
+/// One listening socket.
+#[derive(Debug)]
+pub struct Listener {
+    pub listener: TcpListener,
+    pub control: Arc<ListenerControl>,
 }
 
 impl Listener {
@@ -68,15 +103,11 @@ impl Listener {
     /// Accepts until `stop` is cancelled, then closes the socket at once: new
     /// connections are refused while the accepted ones go on.
     pub async fn run(self, shared: Shared) {
-        let Listener {
-            frontend,
-            listener,
-            limit,
-            stop,
-        } = self;
+        let Listener { listener, control } = self;
         let mut builder: Option<(u64, Arc<ServerBuilder>)> = None;
         loop {
-            let Some(permits) = acquire(&shared.connections, limit.as_ref(), &stop).await else {
+            let settings = control.settings.load_full();
+            let Some(permits) = acquire(&shared.connections, settings.limit.as_ref(), &control.stop).await else {
                 break;
             };
             let (stream, client) = tokio::select! {
@@ -87,60 +118,65 @@ impl Listener {
                         continue;
                     }
                 },
-                () = stop.cancelled() => break,
+                () = control.stop.cancelled() => break,
             };
             let runtime = shared.runtime.load_full();
-            let Some(config) = runtime.frontend(&frontend) else {
+            let frontend_name = control.frontend();
+            let Some(frontend) = runtime.frontend(&frontend_name) else {
                 continue;
             };
-            let refused = !config.access.permits(client.ip());
+            let refused = !frontend.access.permits(client.ip());
             let timeouts = ClientTimeouts {
-                request_header: config.config.timeouts.request_header,
-                client_idle: config.config.timeouts.client_idle,
+                request_header: frontend.config.timeouts.request_header,
+                client_idle: frontend.config.timeouts.client_idle,
             };
-            match config.config.mode {
+            let control = Arc::clone(&control);
+            match frontend.config.mode {
                 Mode::Http => {
                     let builder = match &builder {
-                        Some((generation, builder)) if *generation == runtime.generation => {
-                            Arc::clone(builder)
-                        }
+                        Some((generation, builder)) if *generation == runtime.generation => Arc::clone(builder),
                         _ => {
-                            let fresh = Arc::new(server::builder(&config.config));
+                            let fresh = Arc::new(server::builder(&frontend.config));
                             builder = Some((runtime.generation, Arc::clone(&fresh)));
                             fresh
                         }
                     };
                     let ctx = Arc::new(ConnContext {
                         runtime: Arc::clone(&shared.runtime),
-                        frontend: Arc::clone(&frontend),
+                        listener: Arc::clone(&control),
                         client,
                         https: false,
                         refused,
                         activity: Arc::new(ConnActivity::default()),
                         tunnels: shared.tracker.clone(),
                     });
-                    let shutdown = shared.shutdown.clone();
                     shared.tracker.spawn(async move {
                         prepare(&stream);
-                        server::serve(stream, ctx, builder, timeouts, shutdown).await;
+                        tokio::select! {
+                            () = server::serve(stream, ctx, builder, timeouts, control.drain.clone()) => {}
+                            () = control.kill.cancelled() => {}
+                        }
                         drop(permits);
                     });
                 }
                 Mode::Tcp => {
                     if refused {
-                        tracing::debug!(frontend = %frontend, %client, "session refused by allow/deny");
+                        tracing::debug!(frontend = %frontend_name, %client, "session refused by allow/deny");
                         continue;
                     }
-                    let frontend = Arc::clone(config);
+                    let frontend = Arc::clone(frontend);
                     shared.tracker.spawn(async move {
                         prepare(&stream);
-                        tcp::session(stream, client, frontend, timeouts.client_idle).await;
+                        tokio::select! {
+                            () = tcp::session(stream, client, frontend, timeouts.client_idle) => {}
+                            () = control.kill.cancelled() => {}
+                        }
                         drop(permits);
                     });
                 }
             }
         }
-        tracing::info!(frontend = %frontend, addr = ?listener.local_addr().ok(), "stopped listening");
+        tracing::info!(frontend = %control.frontend(), addr = ?listener.local_addr().ok(), "stopped listening");
     }
 }
 

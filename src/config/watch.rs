@@ -1,0 +1,105 @@
+//! Watching the config file and the files it names (certificates, keys, CAs).
+//!
+//! The directories are watched, not the files: editors save by writing a new
+//! file and renaming it over the old one, and Kubernetes swaps a `..data`
+//! symlink; both replace the file a watch on the file itself would follow.
+//! Every event in a watched directory only wakes the supervisor, which then
+//! compares a fingerprint of the files' contents, so unrelated files in the same
+//! directory cost a read, never a reload. A burst of events (an editor's save)
+//! is one wake-up: it ends after `DEBOUNCE` of quiet.
+
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+/// Quiet time that ends a burst of file events.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+/// A steady stream of events still yields a reload this often.
+const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
+
+pub struct ConfigWatcher {
+    watcher: RecommendedWatcher,
+    dirs: HashSet<PathBuf>,
+    events: mpsc::UnboundedReceiver<()>,
+}
+
+impl std::fmt::Debug for ConfigWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigWatcher").field("dirs", &self.dirs).finish()
+    }
+}
+
+impl ConfigWatcher {
+    pub fn new() -> notify::Result<ConfigWatcher> {
+        let (sender, events) = mpsc::unbounded_channel();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                // The receiver is gone only when the process is stopping.
+                let _ = sender.send(());
+            }
+        })?;
+        Ok(ConfigWatcher {
+            watcher,
+            dirs: HashSet::new(),
+            events,
+        })
+    }
+
+    /// Watches the directories of `files` (and stops watching the others).
+    pub fn watch(&mut self, files: &[PathBuf]) {
+        let wanted: HashSet<PathBuf> = files.iter().map(|file| directory_of(file)).collect();
+        for dir in self.dirs.difference(&wanted) {
+            let _ = self.watcher.unwatch(dir);
+        }
+        let mut watching = HashSet::new();
+        for dir in wanted {
+            if self.dirs.contains(&dir) {
+                watching.insert(dir);
+                continue;
+            }
+            match self.watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watching.insert(dir);
+                }
+                Err(err) => tracing::warn!(dir = %dir.display(), error = %err, "cannot watch directory for changes"),
+            }
+        }
+        self.dirs = watching;
+    }
+
+    /// Completes after a burst of events in the watched directories has ended.
+    pub async fn changed(&mut self) {
+        if self.events.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+        let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
+        while tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout(DEBOUNCE, self.events.recv()).await {
+                Ok(Some(())) => continue,
+                _ => break,
+            }
+        }
+    }
+}
+
+fn directory_of(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A fingerprint of the files' contents (a missing file counts as empty), to
+/// tell a real change from an unrelated event.
+pub fn fingerprint(files: &[PathBuf]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    for file in files {
+        file.hash(&mut hasher);
+        std::fs::read(file).unwrap_or_default().hash(&mut hasher);
+    }
+    hasher.finish()
+}
