@@ -14,6 +14,8 @@ pub enum ProxyError {
     Refused,
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("request head of {0} bytes is over limits.max_header_bytes")]
+    HeadTooLarge(usize),
     #[error("no server available")]
     NoServer,
     #[error("{0}")]
@@ -29,6 +31,7 @@ impl ProxyError {
         match self {
             ProxyError::Refused => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoServer => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -49,6 +52,7 @@ impl ProxyError {
         match self {
             ProxyError::Refused => "forbidden\n",
             ProxyError::BadRequest(_) => "bad request\n",
+            ProxyError::HeadTooLarge(_) => "request head too large\n",
             ProxyError::NoServer => "no server available\n",
             ProxyError::Connect(_) | ProxyError::Upstream(_) => "bad gateway\n",
             ProxyError::ResponseTimeout(_) => "gateway timeout\n",
