@@ -70,14 +70,22 @@ impl ReloadStats {
         if !first {
             self.successes.fetch_add(1, Ordering::Relaxed);
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         self.last_success_unix.store(now, Ordering::Relaxed);
-        *self.last_errors.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *self
+            .last_errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
     }
 
     fn failed(&self, errors: String) {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        *self.last_errors.lock().unwrap_or_else(PoisonError::into_inner) = Some(errors);
+        *self
+            .last_errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(errors);
     }
 }
 
@@ -147,7 +155,10 @@ impl Proxy {
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
         let config = Arc::new(config);
         let sockets = bind_all(listener_keys(&config))?;
-        let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(Runtime::build(Arc::clone(&config), None)));
+        let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(Runtime::build(
+            Arc::clone(&config),
+            None,
+        )));
 
         // Every server gets its first check before the first client is accepted,
         // so flowgate never starts with an empty pool (each check is bounded by
@@ -225,7 +236,8 @@ impl Proxy {
                 return Err(ReloadError::Invalid(errors));
             }
             Err(join) => {
-                let errors = ConfigErrors::single(config::ConfigError::file("config", join.to_string()));
+                let errors =
+                    ConfigErrors::single(config::ConfigError::file("config", join.to_string()));
                 self.reloads.failed(errors.to_string());
                 return Err(ReloadError::Invalid(errors));
             }
@@ -238,9 +250,17 @@ impl Proxy {
     pub async fn reload(&mut self, config: Config) -> Result<u64, ReloadError> {
         let config = Arc::new(config);
         let keys = listener_keys(&config);
-        let current: HashMap<ListenerKey, usize> =
-            self.listeners.iter().enumerate().map(|(i, l)| (l.key(), i)).collect();
-        let added: Vec<_> = keys.iter().filter(|(key, _)| !current.contains_key(key)).cloned().collect();
+        let current: HashMap<ListenerKey, usize> = self
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.key(), i))
+            .collect();
+        let added: Vec<_> = keys
+            .iter()
+            .filter(|(key, _)| !current.contains_key(key))
+            .cloned()
+            .collect();
         let fresh = match bind_all(added) {
             Ok(fresh) => fresh,
             Err(err) => {
@@ -258,13 +278,17 @@ impl Proxy {
 
         self.update_connection_limit(config.global.max_connections);
         self.update_frontend_limits(&config);
-        let wanted: HashMap<&ListenerKey, &config::Frontend> = keys.iter().map(|(k, f)| (k, *f)).collect();
+        let wanted: HashMap<&ListenerKey, &config::Frontend> =
+            keys.iter().map(|(k, f)| (k, *f)).collect();
         let grace = config.global.grace_period;
         let mut kept = Vec::new();
         for listener in std::mem::take(&mut self.listeners) {
             match wanted.get(&listener.key()) {
                 Some(frontend) => {
-                    listener.control.settings.store(Arc::new(self.settings_for(frontend)));
+                    listener
+                        .control
+                        .settings
+                        .store(Arc::new(self.settings_for(frontend)));
                     kept.push(listener);
                 }
                 None => retire(&listener, grace),
@@ -281,13 +305,21 @@ impl Proxy {
     }
 
     /// Starts accepting on a bound socket.
-    fn serve(&mut self, key: ListenerKey, frontend: &config::Frontend, socket: TcpListener) -> Result<(), StartError> {
+    fn serve(
+        &mut self,
+        key: ListenerKey,
+        frontend: &config::Frontend,
+        socket: TcpListener,
+    ) -> Result<(), StartError> {
         let addr = socket.local_addr().map_err(|source| StartError::Bind {
             frontend: frontend.name.clone(),
             addr: key.addr,
             source,
         })?;
-        let control = Arc::new(ListenerControl::new(self.settings_for(frontend), &self.shared.shutdown));
+        let control = Arc::new(ListenerControl::new(
+            self.settings_for(frontend),
+            &self.shared.shutdown,
+        ));
         tracing::info!(frontend = %frontend.name, %addr, "listening");
         self.accept_loops.spawn(
             Listener {
@@ -356,7 +388,9 @@ impl Proxy {
         self.accept_loops.wait().await;
         self.shared.shutdown.cancel();
         self.shared.tracker.close();
-        let drained = tokio::time::timeout(grace, self.shared.tracker.wait()).await.is_ok();
+        let drained = tokio::time::timeout(grace, self.shared.tracker.wait())
+            .await
+            .is_ok();
         self.checks.stop_all();
         self.background.cancel();
         if drained {
@@ -370,9 +404,9 @@ impl Proxy {
 
 /// Binds the listed sockets; fails whole (closing what it bound) on the first
 /// address that cannot be bound.
-fn bind_all<'a>(
-    keys: Vec<(ListenerKey, &'a config::Frontend)>,
-) -> Result<Vec<(ListenerKey, &'a config::Frontend, TcpListener)>, StartError> {
+fn bind_all(
+    keys: Vec<(ListenerKey, &config::Frontend)>,
+) -> Result<Vec<(ListenerKey, &config::Frontend, TcpListener)>, StartError> {
     keys.into_iter()
         .map(|(key, frontend)| {
             let socket = listener::bind(key.addr)
@@ -453,14 +487,17 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
     use tokio::signal::unix::{SignalKind, signal};
 
     // Handlers first: a signal during start must not kill the process.
-    let (mut terminate, mut interrupt, mut hangup) =
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
-            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-            _ => {
-                tracing::error!("cannot install signal handlers");
-                return 1;
-            }
-        };
+    let (mut terminate, mut interrupt, mut hangup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        _ => {
+            tracing::error!("cannot install signal handlers");
+            return 1;
+        }
+    };
     let mut proxy = match Proxy::start(config).await {
         Ok(proxy) => proxy,
         Err(err) => {
@@ -570,7 +607,9 @@ async fn changed(watcher: &mut Option<ConfigWatcher>) {
     }
 }
 
-async fn next_request(requests: &mut Option<mpsc::Receiver<ReloadRequest>>) -> Option<ReloadRequest> {
+async fn next_request(
+    requests: &mut Option<mpsc::Receiver<ReloadRequest>>,
+) -> Option<ReloadRequest> {
     match requests {
         Some(receiver) => receiver.recv().await,
         None => std::future::pending().await,

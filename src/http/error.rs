@@ -16,6 +16,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("{0}")]
     Unavailable(#[from] Unavailable),
+    #[error("request head of {0} bytes is over limits.max_header_bytes")]
+    HeadTooLarge(usize),
     #[error("{0}")]
     Connect(#[from] ConnectError),
     #[error("no response head within {0:?}")]
@@ -30,6 +32,7 @@ impl ProxyError {
             ProxyError::Refused => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -49,6 +52,7 @@ impl ProxyError {
             ProxyError::Unavailable(Unavailable::QueueTimeout) => {
                 "timed out waiting for a server\n"
             }
+            ProxyError::HeadTooLarge(_) => "request head too large\n",
             ProxyError::Connect(_) | ProxyError::Upstream(_) => "bad gateway\n",
             ProxyError::ResponseTimeout(_) => "gateway timeout\n",
         }

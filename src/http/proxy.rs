@@ -77,6 +77,12 @@ async fn forward(
     let frontend = runtime
         .frontend(&ctx.listener.settings.load().frontend)
         .ok_or(ProxyError::Unavailable(Unavailable::NoServer))?;
+    // hyper's own limit is its read buffer, which cannot be set below 8 KiB;
+    // smaller limits are enforced here, on the head as the client wrote it.
+    let head = head_size(&request);
+    if head > frontend.config.limits.max_header_bytes {
+        return Err(ProxyError::HeadTooLarge(head));
+    }
     let tunnel = request.version() == Version::HTTP_11 && is_upgrade_request(request.headers());
     let client_upgrade = tunnel.then(|| hyper::upgrade::on(&mut request));
 
@@ -140,6 +146,22 @@ async fn forward(
         parts,
         ResponseBody::upstream(body, completion),
     ))
+}
+
+/// The size of a request head in HTTP/1.1 form: request line, `name: value`
+/// lines and the blank line that ends it.
+fn head_size<B>(request: &Request<B>) -> usize {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(1, |path| path.as_str().len());
+    let request_line = request.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len();
+    let fields: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + ": ".len() + value.len() + "\r\n".len())
+        .sum();
+    request_line + fields + "\r\n".len()
 }
 
 /// Rewrites the request target for the server's protocol: origin-form with a Host
@@ -303,4 +325,20 @@ fn is_idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_size_counts_the_head_as_written_on_the_wire() {
+        let request = Request::get("/orders?id=7")
+            .header("host", "x")
+            .header("x-tenant", "acme")
+            .body(())
+            .expect("request");
+        let wire = "GET /orders?id=7 HTTP/1.1\r\nhost: x\r\nx-tenant: acme\r\n\r\n";
+        assert_eq!(head_size(&request), wire.len());
+    }
 }

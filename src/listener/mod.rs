@@ -107,7 +107,9 @@ impl Listener {
         let mut builder: Option<(u64, Arc<ServerBuilder>)> = None;
         loop {
             let settings = control.settings.load_full();
-            let Some(permits) = acquire(&shared.connections, settings.limit.as_ref(), &control.stop).await else {
+            let Some(permits) =
+                acquire(&shared.connections, settings.limit.as_ref(), &control.stop).await
+            else {
                 break;
             };
             let (stream, client) = tokio::select! {
@@ -134,7 +136,9 @@ impl Listener {
             match frontend.config.mode {
                 Mode::Http => {
                     let builder = match &builder {
-                        Some((generation, builder)) if *generation == runtime.generation => Arc::clone(builder),
+                        Some((generation, builder)) if *generation == runtime.generation => {
+                            Arc::clone(builder)
+                        }
                         _ => {
                             let fresh = Arc::new(server::builder(&frontend.config));
                             builder = Some((runtime.generation, Arc::clone(&fresh)));

@@ -315,3 +315,148 @@ impl Drop for FlowgateProcess {
         let _ = self.child.wait();
     }
 }
+
+// ---- Raw sockets: client source addresses, bounded reads, a tcp echo origin ----
+
+/// How a bounded read on a raw connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadEnd {
+    /// The peer closed: EOF, or a reset after whatever it had sent.
+    Closed,
+    /// Still open when the time limit passed.
+    Open,
+}
+
+/// Reads until the peer closes the connection or `limit` passes; returns what
+/// was read and how it ended. A reset counts as closed (a server that closes
+/// with unread client bytes resets the connection after its last answer).
+pub async fn read_until_close(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: Duration,
+) -> (Vec<u8>, ReadEnd) {
+    use tokio::io::AsyncReadExt;
+    let mut data = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => return (data, ReadEnd::Open),
+            Ok(Ok(0) | Err(_)) => return (data, ReadEnd::Closed),
+            Ok(Ok(n)) => data.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` body off a connection
+/// that stays open (keep-alive), within `limit`. `None` when no complete
+/// response arrived in time or the connection closed first.
+pub async fn read_response(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or(0);
+            if data.len() >= end + 4 + length {
+                return Some(String::from_utf8_lossy(&data[..end + 4 + length]).into_owned());
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => data.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// Connects to `addr` from the loopback address `source` (e.g. 127.0.0.2), to
+/// test allow/deny lists without leaving loopback.
+pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = match source {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .expect("client socket");
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .expect("bind client source address");
+    socket.connect(addr).await.expect("connect from source")
+}
+
+/// A loopback address nothing listens on (bound, then released).
+pub fn unused_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
+    listener.local_addr().expect("probe addr")
+}
+
+/// A tcp echo origin on 127.0.0.1:0: echoes every byte and, once the client has
+/// finished sending (EOF), closes its side too. Counts sessions.
+pub struct EchoOrigin {
+    pub addr: SocketAddr,
+    pub sessions: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl EchoOrigin {
+    pub async fn start() -> EchoOrigin {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+        let addr = listener.local_addr().expect("echo addr");
+        let sessions = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let (count, token) = (Arc::clone(&sessions), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                    () = token.cancelled() => return,
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let echo = async {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if stream.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = stream.shutdown().await;
+                    };
+                    tokio::select! {
+                        () = echo => {}
+                        () = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        EchoOrigin {
+            addr,
+            sessions,
+            stop,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.sessions.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EchoOrigin {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
