@@ -460,3 +460,67 @@ impl Drop for EchoOrigin {
         self.stop.cancel();
     }
 }
+
+impl Origin {
+    /// Like [`Origin::start`], and also counts the TCP connections the origin
+    /// accepted (to see how a proxy reuses its server connections).
+    pub async fn start_counting_connections<F, Fut>(handler: F) -> (Origin, Arc<AtomicUsize>)
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let handler = Arc::new(handler);
+        let (count, accepted, token) = (
+            Arc::clone(&requests),
+            Arc::clone(&connections),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                    () = token.cancelled() => return,
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let (handler, count, token) =
+                    (Arc::clone(&handler), Arc::clone(&count), token.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let response = handler(request);
+                        async move { Ok::<_, Infallible>(response.await) }
+                    });
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    builder.http1().timer(TokioTimer::new());
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    tokio::pin!(connection);
+                    tokio::select! {
+                        _ = connection.as_mut() => {}
+                        () = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        (
+            Origin {
+                addr,
+                requests,
+                stop,
+            },
+            connections,
+        )
+    }
+}
+
+/// An address on 127.0.0.1 where nothing listens: a port that was bound, then
+/// released, so connecting to it is refused.
+pub fn refused_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
+    listener.local_addr().expect("probe addr")
+}
