@@ -549,7 +549,7 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
                 tracing::info!(
                     generation,
                     trigger = trigger.name(),
-                    took_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    took = ?started.elapsed(),
                     "reload applied"
                 );
                 Ok(*generation)
