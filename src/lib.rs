@@ -23,4 +23,5 @@ pub mod http;
 pub mod listener;
 pub mod runtime;
 pub mod supervisor;
+pub mod tls;
 pub mod upstream;

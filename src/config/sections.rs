@@ -366,14 +366,23 @@ fn frontend_tls(mut r: TableReader<'_>, mode: Mode) -> FrontendTls {
             Mode::Tcp => Vec::new(),
         },
     };
-    let tls = FrontendTls {
+    let mut tls = FrontendTls {
         certificates,
         alpn,
         min_version: r
             .choice("min_version", TLS_VERSIONS)
             .unwrap_or(TlsVersion::Tls12),
         client_ca: r.path("client_ca"),
+        server: None,
     };
+    // Certificates and keys are read and matched now, so `check` and a reload
+    // report a broken one, and a reload with one keeps the running config.
+    if !tls.certificates.is_empty() {
+        match crate::tls::server_config(&tls) {
+            Ok(server) => tls.server = Some(server),
+            Err(err) => r.context().report(&r.loc_of(&err.key), err.message),
+        }
+    }
     r.finish();
     tls
 }
@@ -501,7 +510,7 @@ fn backend(named: Named, mut r: TableReader<'_>) -> (Backend, BackendLocations) 
         .unwrap_or_default();
     let health = r.table("health").map(health).unwrap_or_default();
     let passive = r.table("passive").map(passive);
-    let tls = r.table("tls").map(backend_tls);
+    let tls = r.table("tls").map(|table| backend_tls(table, protocol));
 
     let servers_field = r.require("servers");
     let mut servers = Vec::new();
@@ -654,13 +663,19 @@ fn passive(mut r: TableReader<'_>) -> Passive {
     passive
 }
 
-fn backend_tls(mut r: TableReader<'_>) -> BackendTls {
-    let tls = BackendTls {
+fn backend_tls(mut r: TableReader<'_>, protocol: Protocol) -> BackendTls {
+    let mut tls = BackendTls {
         ca: r.path("ca"),
         server_name: r
             .get("server_name")
             .and_then(|field| field.non_empty().map(str::to_string)),
+        client: None,
     };
+    // The CA file is read now, so a bad one is a config problem like any other.
+    match crate::tls::client_config(&tls, protocol) {
+        Ok(client) => tls.client = Some(client),
+        Err(err) => r.context().report(&r.loc_of(&err.key), err.message),
+    }
     r.finish();
     tls
 }

@@ -65,6 +65,7 @@ impl HealthChecks {
                     addr: server.addr,
                     protocol: backend.config.protocol,
                     check: backend.config.health.clone(),
+                    tls: server.pool.settings().tls.clone(),
                 };
                 wanted.insert(key, (target, Arc::clone(&server.state), server.slow_start));
             }

@@ -38,6 +38,43 @@ impl ProxyError {
         }
     }
 
+    /// The gRPC status code a gRPC client gets for this error.
+    fn grpc_status(&self) -> &'static str {
+        match self {
+            // PERMISSION_DENIED
+            ProxyError::Refused => "7",
+            // INTERNAL
+            ProxyError::BadRequest(_) => "13",
+            // RESOURCE_EXHAUSTED
+            ProxyError::HeadTooLarge(_) => "8",
+            // UNAVAILABLE: the call never ran, or the server is gone.
+            ProxyError::Unavailable(_) | ProxyError::Connect(_) | ProxyError::Upstream(_) => "14",
+            // DEADLINE_EXCEEDED
+            ProxyError::ResponseTimeout(_) => "4",
+        }
+    }
+
+    /// The answer for a gRPC call: a trailers-only response (HTTP 200 with
+    /// `grpc-status` and `grpc-message`), which every gRPC client library reads
+    /// as the call's status.
+    pub fn into_grpc_response(self) -> Response<ResponseBody> {
+        let mut response = Response::new(ResponseBody::empty());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(
+            "grpc-status",
+            header::HeaderValue::from_static(self.grpc_status()),
+        );
+        headers.insert(
+            "grpc-message",
+            header::HeaderValue::from_static(self.client_message().trim_end()),
+        );
+        response
+    }
+
     /// The short plain-text answer flowgate sends for this error.
     pub fn into_response(self) -> Response<ResponseBody> {
         local_response(self.status(), self.client_message())

@@ -44,29 +44,49 @@ pub struct ConnContext {
 /// The service hyper calls for each request.
 pub async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Response<ResponseBody> {
     let active = ctx.activity.begin_request();
+    let grpc = is_grpc(&request);
     let response = if ctx.refused {
-        let mut response = ProxyError::Refused.into_response();
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let mut response = error_response(ProxyError::Refused, grpc);
+        if request.version() < Version::HTTP_2 {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     } else {
+        // Kept for the log line; cloning them costs no allocation.
         let method = request.method().clone();
-        let path = request.uri().path().to_owned();
+        let uri = request.uri().clone();
         forward(&ctx, request).await.unwrap_or_else(|err| {
             tracing::warn!(
                 frontend = %ctx.listener.frontend(),
                 client = %ctx.client,
                 %method,
-                path,
+                path = uri.path(),
                 status = err.status().as_u16(),
                 error = %err,
                 "request failed"
             );
-            err.into_response()
+            error_response(err, grpc)
         })
     };
     response.map(|body| body.track(active))
+}
+
+fn error_response(err: ProxyError, grpc: bool) -> Response<ResponseBody> {
+    if grpc {
+        err.into_grpc_response()
+    } else {
+        err.into_response()
+    }
+}
+
+/// A gRPC call (`content-type: application/grpc` or `application/grpc+proto`...).
+fn is_grpc(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
 }
 
 async fn forward(

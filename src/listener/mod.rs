@@ -133,6 +133,11 @@ impl Listener {
                 client_idle: frontend.config.timeouts.client_idle,
             };
             let control = Arc::clone(&control);
+            let tls = frontend
+                .config
+                .tls
+                .as_ref()
+                .and_then(|tls| tls.server.clone());
             match frontend.config.mode {
                 Mode::Http => {
                     let builder = match &builder {
@@ -145,19 +150,19 @@ impl Listener {
                             fresh
                         }
                     };
-                    let ctx = Arc::new(ConnContext {
+                    let connection = HttpConnection {
                         runtime: Arc::clone(&shared.runtime),
-                        listener: Arc::clone(&control),
+                        control: Arc::clone(&control),
                         client,
-                        https: false,
                         refused,
-                        activity: Arc::new(ConnActivity::default()),
+                        timeouts,
+                        builder,
                         tunnels: shared.tracker.clone(),
-                    });
+                    };
                     shared.tracker.spawn(async move {
                         prepare(&stream);
                         tokio::select! {
-                            () = server::serve(stream, ctx, builder, timeouts, control.drain.clone()) => {}
+                            () = connection.serve(stream, tls) => {}
                             () = control.kill.cancelled() => {}
                         }
                         drop(permits);
@@ -171,8 +176,30 @@ impl Listener {
                     let frontend = Arc::clone(frontend);
                     shared.tracker.spawn(async move {
                         prepare(&stream);
+                        let session = async {
+                            match tls {
+                                None => {
+                                    tcp::session(stream, client, frontend, timeouts.client_idle)
+                                        .await
+                                }
+                                Some(tls) => {
+                                    if let Some(stream) =
+                                        handshake(stream, tls, client, timeouts.request_header)
+                                            .await
+                                    {
+                                        tcp::session(
+                                            stream,
+                                            client,
+                                            frontend,
+                                            timeouts.client_idle,
+                                        )
+                                        .await;
+                                    }
+                                }
+                            }
+                        };
                         tokio::select! {
-                            () = tcp::session(stream, client, frontend, timeouts.client_idle) => {}
+                            () = session => {}
                             () = control.kill.cancelled() => {}
                         }
                         drop(permits);
@@ -181,6 +208,72 @@ impl Listener {
             }
         }
         tracing::info!(frontend = %control.frontend(), addr = ?listener.local_addr().ok(), "stopped listening");
+    }
+}
+
+/// An accepted http-mode connection, before its TLS handshake (if any).
+struct HttpConnection {
+    runtime: SharedRuntime,
+    control: Arc<ListenerControl>,
+    client: SocketAddr,
+    refused: bool,
+    timeouts: ClientTimeouts,
+    builder: Arc<ServerBuilder>,
+    tunnels: TaskTracker,
+}
+
+impl HttpConnection {
+    async fn serve(self, stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>) {
+        let drain = self.control.drain.clone();
+        match tls {
+            None => {
+                let ctx = self.context(false);
+                server::serve(stream, ctx, self.builder, self.timeouts, drain, false).await;
+            }
+            Some(tls) => {
+                let Some(stream) =
+                    handshake(stream, tls, self.client, self.timeouts.request_header).await
+                else {
+                    return;
+                };
+                let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                let ctx = self.context(true);
+                server::serve(stream, ctx, self.builder, self.timeouts, drain, http2).await;
+            }
+        }
+    }
+
+    fn context(&self, https: bool) -> Arc<ConnContext> {
+        Arc::new(ConnContext {
+            runtime: Arc::clone(&self.runtime),
+            listener: Arc::clone(&self.control),
+            client: self.client,
+            https,
+            refused: self.refused,
+            activity: Arc::new(ConnActivity::default()),
+            tunnels: self.tunnels.clone(),
+        })
+    }
+}
+
+/// The TLS handshake, bounded by `request_header` (a client that connects and
+/// never sends a ClientHello is closed then). Failures close the connection.
+async fn handshake(
+    stream: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    client: SocketAddr,
+    limit: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(limit, tokio_rustls::TlsAcceptor::from(tls).accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(err)) => {
+            tracing::debug!(%client, error = %err, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%client, "TLS handshake timed out");
+            None
+        }
     }
 }
 

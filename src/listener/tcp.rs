@@ -19,12 +19,10 @@ use crate::upstream::InFlightGuard;
 
 /// Runs one session to its end: both sides closed, an error, or `idle` without a
 /// byte in either direction.
-pub async fn session(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    frontend: Arc<Frontend>,
-    idle: Duration,
-) {
+pub async fn session<S>(mut client: S, peer: SocketAddr, frontend: Arc<Frontend>, idle: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let Some((mut server, guard)) = connect(peer, &frontend).await else {
         // Closing the client at once is the tcp-mode answer to "no server".
         return;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-pub use pool::{ConnectError, Connection, Pool, PoolSettings};
+pub use pool::{ConnectError, Connection, Pool, PoolSettings, ServerStream, UpstreamTls};
 pub use queue::{Queue, QueueError};
 pub use server::{
     AdminState, CheckStatus, FULL_WEIGHT, Health, InFlightGuard, Server, ServerState, ServerStatus,
@@ -54,6 +54,29 @@ pub enum Unavailable {
     QueueTimeout,
 }
 
+/// TLS settings for one server of a backend with a `tls` table: the configured
+/// `server_name`, else the host the server's address names.
+pub fn upstream_tls(backend: &config::Backend, server: &config::Server) -> Option<UpstreamTls> {
+    let tls = backend.tls.as_ref()?;
+    let config = tls.client.clone()?;
+    let host = match &tls.server_name {
+        Some(name) => name.clone(),
+        None => server
+            .address
+            .rsplit_once(':')
+            .map_or(server.address.as_str(), |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    };
+    let server_name = rustls::pki_types::ServerName::try_from(host)
+        .unwrap_or_else(|_| rustls::pki_types::ServerName::from(server.addr.ip()));
+    Some(UpstreamTls {
+        config,
+        server_name,
+    })
+}
+
 /// Longest passive ejection, however often a server was ejected.
 const MAX_EJECTION: Duration = Duration::from_secs(300);
 
@@ -80,16 +103,18 @@ impl Backend {
                     .collect()
             })
             .unwrap_or_default();
-        let settings = PoolSettings {
+        let settings_for = |server: &config::Server| PoolSettings {
             protocol: config.protocol,
             connect_timeout: config.timeouts.connect,
             idle_timeout: config.timeouts.idle,
+            tls: upstream_tls(config, server),
         };
         let checked = config.health.check != config::CheckKind::None;
         let servers = config
             .servers
             .iter()
             .map(|server| {
+                let settings = settings_for(server);
                 let old = kept.get(server.name.as_str());
                 let state = old
                     .map(|old| Arc::clone(&old.state))
@@ -99,7 +124,7 @@ impl Backend {
                         old.pool.addr() == server.addr && *old.pool.settings() == settings
                     })
                     .map(|old| Arc::clone(&old.pool))
-                    .unwrap_or_else(|| Arc::new(Pool::new(server.addr, settings.clone())));
+                    .unwrap_or_else(|| Arc::new(Pool::new(server.addr, settings)));
                 Arc::new(Server::new(server, state, pool, Arc::clone(&queue)))
             })
             .collect();
