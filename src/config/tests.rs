@@ -841,6 +841,7 @@ fn shipped_configs_parse() {
         "config/flowgate.toml",
         "config/examples/rest-engines.toml",
         "config/examples/grpc-engines.toml",
+        "config/examples/leader-follower.toml",
     ] {
         if let Err(errors) = load(&root.join(file)) {
             panic!("{file} should be valid, got:\n{errors}");
