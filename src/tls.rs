@@ -27,23 +27,49 @@ use crate::config::{self, CertificatePair, Protocol, TlsVersion};
 /// Sessions kept for resumption by session id (tickets need no server state).
 const SESSION_CACHE: usize = 16 * 1024;
 
-/// A problem with TLS material, naming the key it came from (relative to the
-/// `tls` table, e.g. `certificates[1].key`).
+/// Which key of a `tls` table a problem comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsSource {
+    Certificates,
+    /// `certificates[i].cert`
+    Cert(usize),
+    /// `certificates[i].key`
+    Key(usize),
+    ClientCa,
+    Ca,
+    MinVersion,
+}
+
+/// A problem with TLS material and the key it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsError {
-    pub key: String,
+    pub source: TlsSource,
     pub message: String,
+}
+
+impl TlsError {
+    /// The key path relative to the `tls` table, e.g. `certificates[1].key`.
+    pub fn key(&self) -> String {
+        match self.source {
+            TlsSource::Certificates => "certificates".to_string(),
+            TlsSource::Cert(index) => format!("certificates[{index}].cert"),
+            TlsSource::Key(index) => format!("certificates[{index}].key"),
+            TlsSource::ClientCa => "client_ca".to_string(),
+            TlsSource::Ca => "ca".to_string(),
+            TlsSource::MinVersion => "min_version".to_string(),
+        }
+    }
 }
 
 impl fmt::Display for TlsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
+        write!(f, "{}: {}", self.key(), self.message)
     }
 }
 
-fn error(key: impl Into<String>, message: impl Into<String>) -> TlsError {
+fn error(source: TlsSource, message: impl Into<String>) -> TlsError {
     TlsError {
-        key: key.into(),
+        source,
         message: message.into(),
     }
 }
@@ -67,14 +93,14 @@ pub fn server_config(tls: &config::FrontendTls) -> Result<Arc<ServerConfig>, Tls
     let resolver = SniResolver::load(&tls.certificates, &provider)?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(protocol_versions(tls.min_version))
-        .map_err(|err| error("min_version", err.to_string()))?;
+        .map_err(|err| error(TlsSource::MinVersion, err.to_string()))?;
     let builder = match &tls.client_ca {
         Some(path) => {
-            let roots = load_roots(path).map_err(|message| error("client_ca", message))?;
+            let roots = load_roots(path).map_err(|message| error(TlsSource::ClientCa, message))?;
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
                     .build()
-                    .map_err(|err| error("client_ca", err.to_string()))?;
+                    .map_err(|err| error(TlsSource::ClientCa, err.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -83,7 +109,7 @@ pub fn server_config(tls: &config::FrontendTls) -> Result<Arc<ServerConfig>, Tls
     config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
     config.ticketer = rustls::crypto::ring::Ticketer::new()
-        .map_err(|err| error("certificates", err.to_string()))?;
+        .map_err(|err| error(TlsSource::Certificates, err.to_string()))?;
     Ok(Arc::new(config))
 }
 
@@ -95,13 +121,16 @@ pub fn client_config(
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let roots = match &tls.ca {
-        Some(path) => load_roots(path).map_err(|message| error("ca", message))?,
+        Some(path) => load_roots(path).map_err(|message| error(TlsSource::Ca, message))?,
         None => {
             let mut roots = RootCertStore::empty();
             let native = rustls_native_certs::load_native_certs();
             roots.add_parsable_certificates(native.certs);
             if roots.is_empty() {
-                return Err(error("ca", "no system root certificates found; set tls.ca"));
+                return Err(error(
+                    TlsSource::Ca,
+                    "no system root certificates found; set tls.ca",
+                ));
             }
             roots
         }
@@ -109,10 +138,10 @@ pub fn client_config(
     let verifier =
         WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
             .build()
-            .map_err(|err| error("ca", err.to_string()))?;
+            .map_err(|err| error(TlsSource::Ca, err.to_string()))?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(rustls::ALL_VERSIONS)
-        .map_err(|err| error("ca", err.to_string()))?
+        .map_err(|err| error(TlsSource::Ca, err.to_string()))?
         .with_webpki_verifier(verifier)
         .with_no_client_auth();
     config.alpn_protocols = match protocol {
@@ -165,27 +194,27 @@ impl SniResolver {
         let mut wildcard = HashMap::new();
         let mut default = None;
         for (index, pair) in pairs.iter().enumerate() {
-            let certs = read_certs(&pair.cert)
-                .map_err(|message| error(format!("certificates[{index}].cert"), message))?;
+            let certs =
+                read_certs(&pair.cert).map_err(|message| error(TlsSource::Cert(index), message))?;
             let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|err| {
                 error(
-                    format!("certificates[{index}].key"),
+                    TlsSource::Key(index),
                     format!("{}: {}", pair.key.display(), pem_error(&err)),
                 )
             })?;
             let signing_key = provider
                 .key_provider
                 .load_private_key(key)
-                .map_err(|err| error(format!("certificates[{index}].key"), err.to_string()))?;
+                .map_err(|err| error(TlsSource::Key(index), err.to_string()))?;
             let names: Vec<String> = webpki::EndEntityCert::try_from(&certs[0])
-                .map_err(|err| error(format!("certificates[{index}].cert"), format!("{err:?}")))?
+                .map_err(|err| error(TlsSource::Cert(index), format!("{err:?}")))?
                 .valid_dns_names()
                 .map(str::to_ascii_lowercase)
                 .collect();
             let certified = Arc::new(CertifiedKey::new(certs, signing_key));
             certified.keys_match().map_err(|err| {
                 error(
-                    format!("certificates[{index}].key"),
+                    TlsSource::Key(index),
                     format!("does not belong to the certificate: {err}"),
                 )
             })?;
@@ -199,8 +228,12 @@ impl SniResolver {
             }
             default.get_or_insert(certified);
         }
-        let default =
-            default.ok_or_else(|| error("certificates", "at least one certificate is needed"))?;
+        let default = default.ok_or_else(|| {
+            error(
+                TlsSource::Certificates,
+                "at least one certificate is needed",
+            )
+        })?;
         Ok(SniResolver {
             exact,
             wildcard,

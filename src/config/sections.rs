@@ -22,6 +22,7 @@ use super::{
     CheckKind, Config, Frontend, FrontendTimeouts, FrontendTls, Global, HashKey, HealthCheck,
     Limits, LogFormat, Mode, Passive, Protocol, Role, Route, Server, TlsVersion,
 };
+use crate::tls::{TlsError, TlsSource};
 
 const DEFAULT_ADMIN_BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9100);
 
@@ -334,16 +335,24 @@ fn limits(mut r: TableReader<'_>) -> Limits {
 
 fn frontend_tls(mut r: TableReader<'_>, mode: Mode) -> FrontendTls {
     let mut certificates = Vec::new();
+    // Where each pair's cert and key are written, for problems reading them.
+    let mut pair_locs = Vec::new();
+    let certificates_loc = r.loc_of("certificates");
     if let Some(field) = r.require("certificates") {
         if field.array_len() == Some(0) {
             field.error("at least one certificate is required");
         }
         for mut pair in field.tables() {
-            let cert = pair.require("cert").and_then(|field| field.path());
-            let key = pair.require("key").and_then(|field| field.path());
+            let cert_field = pair.require("cert");
+            let key_field = pair.require("key");
+            let cert = cert_field.as_ref().and_then(|field| field.path());
+            let key = key_field.as_ref().and_then(|field| field.path());
             pair.finish();
-            if let (Some(cert), Some(key)) = (cert, key) {
+            if let (Some(cert), Some(key), Some(cert_field), Some(key_field)) =
+                (cert, key, cert_field, key_field)
+            {
                 certificates.push(CertificatePair { cert, key });
+                pair_locs.push((cert_field.loc(), key_field.loc()));
             }
         }
     }
@@ -380,7 +389,25 @@ fn frontend_tls(mut r: TableReader<'_>, mode: Mode) -> FrontendTls {
     if !tls.certificates.is_empty() {
         match crate::tls::server_config(&tls) {
             Ok(server) => tls.server = Some(server),
-            Err(err) => r.context().report(&r.loc_of(&err.key), err.message),
+            Err(err) => {
+                let loc = match err.source {
+                    TlsSource::Cert(index) => pair_locs.get(index).map(|locs| locs.0.clone()),
+                    TlsSource::Key(index) => pair_locs.get(index).map(|locs| locs.1.clone()),
+                    TlsSource::Certificates => Some(certificates_loc),
+                    other => Some(
+                        r.loc_of(
+                            &TlsError {
+                                source: other,
+                                message: String::new(),
+                            }
+                            .key(),
+                        ),
+                    ),
+                };
+                if let Some(loc) = loc {
+                    r.context().report(&loc, err.message);
+                }
+            }
         }
     }
     r.finish();
@@ -674,7 +701,7 @@ fn backend_tls(mut r: TableReader<'_>, protocol: Protocol) -> BackendTls {
     // The CA file is read now, so a bad one is a config problem like any other.
     match crate::tls::client_config(&tls, protocol) {
         Ok(client) => tls.client = Some(client),
-        Err(err) => r.context().report(&r.loc_of(&err.key), err.message),
+        Err(err) => r.context().report(&r.loc_of(&err.key()), err.message),
     }
     r.finish();
     tls
