@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
 pub use pool::{ConnectError, Connection, Pool, PoolSettings, ServerStream, UpstreamTls};
 pub use queue::{Queue, QueueError};
 pub use server::{
@@ -30,6 +32,8 @@ pub struct Backend {
     /// Bumped by any server state change; shared with the servers' live state and
     /// with the same backend in later snapshots.
     pub epoch: Arc<AtomicU64>,
+    /// Notified on the same changes, so queued requests look again.
+    pub changed: Arc<Notify>,
     /// Requests waiting for a server slot; shared with later snapshots.
     pub queue: Arc<Queue>,
     /// Counters that outlive reloads.
@@ -88,6 +92,9 @@ impl Backend {
         let epoch = previous
             .map(|backend| Arc::clone(&backend.epoch))
             .unwrap_or_default();
+        let changed = previous
+            .map(|backend| Arc::clone(&backend.changed))
+            .unwrap_or_default();
         let queue = previous
             .map(|backend| Arc::clone(&backend.queue))
             .unwrap_or_default();
@@ -116,9 +123,13 @@ impl Backend {
             .map(|server| {
                 let settings = settings_for(server);
                 let old = kept.get(server.name.as_str());
-                let state = old
-                    .map(|old| Arc::clone(&old.state))
-                    .unwrap_or_else(|| Arc::new(ServerState::new(Arc::clone(&epoch), checked)));
+                let state = old.map(|old| Arc::clone(&old.state)).unwrap_or_else(|| {
+                    Arc::new(ServerState::new(
+                        Arc::clone(&epoch),
+                        Arc::clone(&changed),
+                        checked,
+                    ))
+                });
                 let pool = old
                     .filter(|old| {
                         old.pool.addr() == server.addr && *old.pool.settings() == settings
@@ -136,6 +147,7 @@ impl Backend {
             config: config.clone(),
             servers,
             epoch,
+            changed,
             queue,
             stats,
         }
@@ -175,13 +187,39 @@ impl Backend {
             self.queue.prune();
             return Ok(server.begin());
         }
-        match tokio::time::timeout(self.config.timeouts.queue, &mut slot).await {
-            Ok(Ok(guard)) => Ok(guard),
-            _ => {
-                slot.close();
-                drop(slot.try_recv());
-                self.queue.prune();
-                Err(Unavailable::QueueTimeout)
+        let deadline = tokio::time::Instant::now() + self.config.timeouts.queue;
+        loop {
+            // Armed before waiting, so a change in between is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            tokio::select! {
+                handed = &mut slot => match handed {
+                    Ok(guard) => return Ok(guard),
+                    Err(_) => break,
+                },
+                // A server came back, was made ready, or got weight: free
+                // capacity goes to the oldest waiters first (maybe this one).
+                () = changed => self.dispatch(ctx),
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        slot.close();
+        // A slot handed over at the last moment goes on to the next waiter.
+        drop(slot.try_recv());
+        self.queue.prune();
+        Err(Unavailable::QueueTimeout)
+    }
+
+    /// Hands free capacity to queued requests, oldest first.
+    fn dispatch(&self, ctx: &PickContext<'_>) {
+        while !self.queue.is_empty() {
+            let Some(server) = self.pick(ctx) else {
+                return;
+            };
+            if self.queue.hand_over(server.begin()).is_some() {
+                // Nobody was waiting after all; the slot is released.
+                return;
             }
         }
     }
@@ -196,7 +234,7 @@ impl Backend {
         let Some(failed) = failed else {
             return self.acquire(ctx).await;
         };
-        if !self.config.redispatch {
+        if !self.config.redispatch && failed.has_capacity() {
             return Ok(failed.begin());
         }
         let guard = self.acquire(ctx).await?;

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
+use tokio::sync::Notify;
 
 use super::pool::Pool;
 use super::queue::Queue;
@@ -115,11 +116,13 @@ pub struct ServerState {
     /// Bumped on any change that alters which servers can take traffic or their
     /// weights; shared by all servers of one backend.
     epoch: Arc<AtomicU64>,
+    /// Wakes the backend's queued requests on such a change.
+    changed: Arc<Notify>,
 }
 
 impl ServerState {
     /// A server not checked yet: down, unless the backend runs no checks.
-    pub fn new(epoch: Arc<AtomicU64>, checked: bool) -> ServerState {
+    pub fn new(epoch: Arc<AtomicU64>, changed: Arc<Notify>, checked: bool) -> ServerState {
         let (health, status) = if checked {
             (Health::Down, "pending")
         } else {
@@ -141,6 +144,7 @@ impl ServerState {
                 last_change: Instant::now(),
             }),
             epoch,
+            changed,
         }
     }
 
@@ -284,6 +288,7 @@ impl ServerState {
 
     fn bump_epoch(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
     }
 }
 
