@@ -21,6 +21,7 @@ pub mod demo;
 pub mod health;
 pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod runtime;
 pub mod supervisor;
 pub mod tls;

@@ -63,6 +63,8 @@ pub struct ReloadStats {
     pub last_success_unix: AtomicU64,
     /// The errors of the last failed reload, until a reload succeeds.
     pub last_errors: Mutex<Option<String>>,
+    /// Time to validate and apply a reload.
+    pub duration: crate::metrics::AtomicHistogram,
 }
 
 impl ReloadStats {
@@ -544,6 +546,7 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
         systemd::reloading();
         let result = proxy.reload_file().await;
         systemd::ready();
+        proxy.reload_stats().duration.observe(started.elapsed());
         let reply = match &result {
             Ok(generation) => {
                 tracing::info!(

@@ -17,6 +17,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::metrics::FrontendStats;
+
 const PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
@@ -125,6 +127,21 @@ pub struct ClientIo<S> {
     /// flowgate's answer to a rejected head, replacing hyper's, and how much of
     /// it is written.
     replacing: Option<(&'static [u8], usize)>,
+    /// Bytes moved, added to the frontend's counters when the connection ends.
+    bytes_in: u64,
+    bytes_out: u64,
+    stats: Arc<FrontendStats>,
+}
+
+impl<S> Drop for ClientIo<S> {
+    fn drop(&mut self) {
+        self.stats
+            .bytes_in
+            .fetch_add(self.bytes_in, Ordering::Relaxed);
+        self.stats
+            .bytes_out
+            .fetch_add(self.bytes_out, Ordering::Relaxed);
+    }
 }
 
 impl<S> ClientIo<S> {
@@ -134,6 +151,7 @@ impl<S> ClientIo<S> {
         activity: Arc<ConnActivity>,
         timeouts: ClientTimeouts,
         http2: bool,
+        stats: Arc<FrontendStats>,
     ) -> Self {
         let now = Instant::now();
         // A new connection waits for its first head like any other.
@@ -153,10 +171,14 @@ impl<S> ClientIo<S> {
             timer: Box::pin(tokio::time::sleep_until(now + timeouts.request_header)),
             closing: None,
             replacing: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            stats,
         }
     }
 
-    fn note_read(&mut self, bytes: &[u8]) {
+    fn note_read(&mut self, bytes: &[u8], count: usize) {
+        self.bytes_in += count as u64;
         let now = Instant::now();
         self.last_active = now;
         if self.protocol == Protocol::Unknown {
@@ -236,7 +258,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
                     let mut head = [0u8; 14];
                     let n = filled.len().min(head.len());
                     head[..n].copy_from_slice(&filled[..n]);
-                    this.note_read(&head[..n]);
+                    this.note_read(&head[..n], filled.len());
                 }
                 Poll::Ready(Ok(()))
             }
@@ -313,6 +335,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
             return Poll::Ready(Ok(buf.len()));
         }
         let written = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.bytes_out += written as u64;
         this.last_active = Instant::now();
         Poll::Ready(Ok(written))
     }
@@ -329,6 +352,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
             return Poll::Ready(Ok(bufs.iter().map(|buf| buf.len()).sum()));
         }
         let written = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        this.bytes_out += written as u64;
         this.last_active = Instant::now();
         Poll::Ready(Ok(written))
     }

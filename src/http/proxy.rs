@@ -21,6 +21,7 @@ use super::headers::{ensure_request_id, is_upgrade_request, set_forwarded, strip
 use crate::balance::PickContext;
 use crate::config::Protocol;
 use crate::listener::ListenerControl;
+use crate::metrics::OpenConnection;
 use crate::runtime::SharedRuntime;
 use crate::upstream::{Backend, Connection, InFlightGuard, Server, Unavailable};
 
@@ -39,11 +40,17 @@ pub struct ConnContext {
     pub activity: Arc<ConnActivity>,
     /// Upgraded tunnels outlive their request; a graceful stop waits for them.
     pub tunnels: TaskTracker,
+    /// Counts the connection (and its requests and bytes) for its frontend.
+    pub connection: OpenConnection,
 }
 
 /// The service hyper calls for each request.
 pub async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Response<ResponseBody> {
     let active = ctx.activity.begin_request();
+    ctx.connection
+        .stats()
+        .requests
+        .fetch_add(1, Ordering::Relaxed);
     let grpc = is_grpc(&request);
     let response = if ctx.refused {
         let mut response = error_response(ProxyError::Refused, grpc);
@@ -271,6 +278,7 @@ async fn send(
             Ok(connection) => connection,
             Err(err) => {
                 tracing::warn!(backend = %backend.name, server = %server.name, error = %err, "cannot connect to server");
+                backend.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                 backend.record_failure(&server, &err.to_string());
                 if !retry(&mut retries_left) {
                     return Err(err.into());
@@ -282,6 +290,7 @@ async fn send(
         // A copy to send again if the server fails after receiving it.
         let spare = (replayable && retries_left > 0).then(|| copy_head(&request));
         let timeout = backend.config.timeouts.response;
+        let sent = std::time::Instant::now();
         match tokio::time::timeout(timeout, connection.send(request)).await {
             Err(_) => {
                 backend.record_failure(&server, "response timeout");
@@ -289,6 +298,8 @@ async fn send(
             }
             Ok(Ok(response)) => {
                 let status = response.status();
+                server.state.count_response(status.as_u16());
+                backend.stats.response_seconds.observe(sent.elapsed());
                 if matches!(status.as_u16(), 502..=504) {
                     backend.record_failure(&server, status.as_str());
                 } else {

@@ -51,7 +51,13 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = ClientIo::new(stream, Arc::clone(&ctx.activity), timeouts, http2);
+    let io = ClientIo::new(
+        stream,
+        Arc::clone(&ctx.activity),
+        timeouts,
+        http2,
+        Arc::clone(ctx.connection.stats()),
+    );
     let service = service_fn(move |request| {
         let ctx = Arc::clone(&ctx);
         async move { Ok::<_, Infallible>(handle(ctx, request).await) }

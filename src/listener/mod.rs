@@ -5,11 +5,15 @@ pub mod tcp;
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +23,7 @@ use crate::config::Mode;
 use crate::http::conn::{ClientTimeouts, ConnActivity};
 use crate::http::proxy::ConnContext;
 use crate::http::server::{self, ServerBuilder};
+use crate::metrics::OpenConnection;
 use crate::runtime::SharedRuntime;
 
 const BACKLOG: i32 = 1024;
@@ -138,6 +143,7 @@ impl Listener {
                 .tls
                 .as_ref()
                 .and_then(|tls| tls.server.clone());
+            let open = frontend.stats.open_connection();
             match frontend.config.mode {
                 Mode::Http => {
                     let builder = match &builder {
@@ -158,6 +164,7 @@ impl Listener {
                         timeouts,
                         builder,
                         tunnels: shared.tracker.clone(),
+                        open,
                     };
                     shared.tracker.spawn(async move {
                         prepare(&stream);
@@ -177,26 +184,22 @@ impl Listener {
                     shared.tracker.spawn(async move {
                         prepare(&stream);
                         let session = async {
-                            match tls {
-                                None => {
-                                    tcp::session(stream, client, frontend, timeouts.client_idle)
-                                        .await
-                                }
+                            let _open = open;
+                            let stream = match tls {
+                                None => ClientStream::Plain(stream),
                                 Some(tls) => {
-                                    if let Some(stream) =
-                                        handshake(stream, tls, client, timeouts.request_header)
-                                            .await
-                                    {
-                                        tcp::session(
-                                            stream,
-                                            client,
-                                            frontend,
-                                            timeouts.client_idle,
-                                        )
-                                        .await;
+                                    let limit = timeouts.request_header;
+                                    match handshake(stream, tls, client, limit).await {
+                                        Some(stream) => ClientStream::Tls(Box::new(stream)),
+                                        None => {
+                                            let failures = &frontend.stats.tls_handshake_failures;
+                                            failures.fetch_add(1, Ordering::Relaxed);
+                                            return;
+                                        }
                                     }
                                 }
-                            }
+                            };
+                            tcp::session(stream, client, frontend, timeouts.client_idle).await;
                         };
                         tokio::select! {
                             () = session => {}
@@ -220,39 +223,95 @@ struct HttpConnection {
     timeouts: ClientTimeouts,
     builder: Arc<ServerBuilder>,
     tunnels: TaskTracker,
+    open: OpenConnection,
 }
 
 impl HttpConnection {
     async fn serve(self, stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>) {
         let drain = self.control.drain.clone();
-        match tls {
-            None => {
-                let ctx = self.context(false);
-                server::serve(stream, ctx, self.builder, self.timeouts, drain, false).await;
-            }
+        let (stream, https, http2) = match tls {
+            None => (ClientStream::Plain(stream), false, false),
             Some(tls) => {
-                let Some(stream) =
-                    handshake(stream, tls, self.client, self.timeouts.request_header).await
-                else {
+                let limit = self.timeouts.request_header;
+                let Some(stream) = handshake(stream, tls, self.client, limit).await else {
+                    let failures = &self.open.stats().tls_handshake_failures;
+                    failures.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
                 let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                let ctx = self.context(true);
-                server::serve(stream, ctx, self.builder, self.timeouts, drain, http2).await;
+                (ClientStream::Tls(Box::new(stream)), true, http2)
             }
-        }
-    }
-
-    fn context(&self, https: bool) -> Arc<ConnContext> {
-        Arc::new(ConnContext {
-            runtime: Arc::clone(&self.runtime),
-            listener: Arc::clone(&self.control),
+        };
+        let (builder, timeouts) = (Arc::clone(&self.builder), self.timeouts);
+        let ctx = Arc::new(ConnContext {
+            runtime: self.runtime,
+            listener: self.control,
             client: self.client,
             https,
             refused: self.refused,
             activity: Arc::new(ConnActivity::default()),
-            tunnels: self.tunnels.clone(),
-        })
+            tunnels: self.tunnels,
+            connection: self.open,
+        });
+        server::serve(stream, ctx, builder, timeouts, drain, http2).await;
+    }
+}
+
+/// A client connection: plain TCP or TLS.
+enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $stream:ident => $call:expr) => {
+        match $self.get_mut() {
+            ClientStream::Plain($stream) => $call,
+            ClientStream::Tls($stream) => $call,
+        }
+    };
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, stream => Pin::new(stream).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, stream => Pin::new(stream).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, stream => Pin::new(stream).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientStream::Plain(stream) => stream.is_write_vectored(),
+            ClientStream::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, stream => Pin::new(stream).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, stream => Pin::new(stream).poll_shutdown(cx))
     }
 }
 

@@ -32,7 +32,11 @@ where
     let mut server_side = Tracked::new(&mut server, &activity);
     tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut client_side, &mut server_side) => match copied {
-            Ok((up, down)) => tracing::debug!(%peer, server = %guard.server().name, up, down, "session ended"),
+            Ok((up, down)) => {
+                frontend.stats.bytes_in.fetch_add(up, std::sync::atomic::Ordering::Relaxed);
+                frontend.stats.bytes_out.fetch_add(down, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(%peer, server = %guard.server().name, up, down, "session ended");
+            }
             Err(err) => tracing::debug!(%peer, server = %guard.server().name, error = %err, "session ended with an error"),
         },
         () = activity.idle_for(idle) => {
@@ -75,6 +79,10 @@ async fn connect(peer: SocketAddr, frontend: &Frontend) -> Option<(TcpStream, In
             Err(_) => format!("connect timed out after {timeout:?}"),
         };
         tracing::warn!(backend = %backend.name, server = %server.name, error, "cannot connect to server");
+        backend
+            .stats
+            .connect_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         backend.record_failure(&server, &error);
         if retries_left == 0 {
             return None;

@@ -20,6 +20,7 @@ pub use server::{
 
 use crate::balance::{Balancer, PickContext};
 use crate::config;
+use crate::metrics::AtomicHistogram;
 
 /// A backend as the current snapshot sees it.
 #[derive(Debug)]
@@ -45,6 +46,11 @@ pub struct Backend {
 pub struct BackendStats {
     /// Attempts made again after a failure.
     pub retries: AtomicU64,
+    pub connect_errors: AtomicU64,
+    /// From sending a request to its response head.
+    pub response_seconds: AtomicHistogram,
+    /// Time waited for a slot, by requests that waited.
+    pub queue_seconds: AtomicHistogram,
 }
 
 /// Why no server slot could be had for a request or session.
@@ -187,7 +193,8 @@ impl Backend {
             self.queue.prune();
             return Ok(server.begin());
         }
-        let deadline = tokio::time::Instant::now() + self.config.timeouts.queue;
+        let queued = tokio::time::Instant::now();
+        let deadline = queued + self.config.timeouts.queue;
         loop {
             // Armed before waiting, so a change in between is not missed.
             let changed = self.changed.notified();
@@ -195,7 +202,10 @@ impl Backend {
             changed.as_mut().enable();
             tokio::select! {
                 handed = &mut slot => match handed {
-                    Ok(guard) => return Ok(guard),
+                    Ok(guard) => {
+                        self.stats.queue_seconds.observe(queued.elapsed());
+                        return Ok(guard);
+                    }
                     Err(_) => break,
                 },
                 // A server came back, was made ready, or got weight: free
@@ -208,6 +218,7 @@ impl Backend {
         // A slot handed over at the last moment goes on to the next waiter.
         drop(slot.try_recv());
         self.queue.prune();
+        self.stats.queue_seconds.observe(queued.elapsed());
         Err(Unavailable::QueueTimeout)
     }
 

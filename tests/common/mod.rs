@@ -430,15 +430,30 @@ impl EchoOrigin {
                 };
                 let (count, token) = (Arc::clone(&count), token.clone());
                 tokio::spawn(async move {
-                    let (mut read, mut write) = stream.split();
-                    tokio::select! {
-                        copied = tokio::io::copy(&mut read, &mut write) => {
-                            // Connections without data (tcp checks) are no sessions.
-                            if copied.is_ok_and(|bytes| bytes > 0) {
-                                count.fetch_add(1, Ordering::SeqCst);
+                    use tokio::io::AsyncReadExt;
+                    let echo = async {
+                        let mut buf = [0u8; 16 * 1024];
+                        let mut counted = false;
+                        loop {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    // A session counts from its first byte; a
+                                    // connection without data (a tcp check) is none.
+                                    if !counted {
+                                        counted = true;
+                                        count.fetch_add(1, Ordering::SeqCst);
+                                    }
+                                    if stream.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
                             }
-                            let _ = write.shutdown().await;
                         }
+                        let _ = stream.shutdown().await;
+                    };
+                    tokio::select! {
+                        () = echo => {}
                         () = token.cancelled() => {}
                     }
                 });
