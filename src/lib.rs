@@ -15,6 +15,7 @@
 //! (active checks feeding server state), [`supervisor`] (listener set,
 //! lifecycle), [`demo`] (built-in demo engines).
 
+pub mod access_log;
 pub mod balance;
 pub mod config;
 pub mod demo;

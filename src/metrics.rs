@@ -374,6 +374,13 @@ pub fn render(runtime: &Runtime, reloads: &ReloadStats) -> String {
     );
     reload_seconds.histogram(&[], &reloads.duration);
 
+    let mut log_dropped = Family::new(
+        "flowgate_access_log_dropped_total",
+        "Access log entries dropped because the writer could not keep up.",
+        COUNTER,
+    );
+    log_dropped.counter(&[], crate::access_log::dropped() as f64);
+
     let families: Vec<MetricFamily> = [
         up,
         state,
@@ -398,6 +405,7 @@ pub fn render(runtime: &Runtime, reloads: &ReloadStats) -> String {
         generation,
         last_success,
         reload_seconds,
+        log_dropped,
     ]
     .into_iter()
     .map(Family::finish)

@@ -21,12 +21,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::AccessLog;
 use crate::config::watch::{ConfigWatcher, fingerprint};
 use crate::config::{self, Config, ConfigErrors};
 use crate::health::{self, HealthChecks};
@@ -44,6 +45,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error("global.access_log: cannot open the access log: {0}")]
+    AccessLog(io::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,11 +171,14 @@ impl Proxy {
         let mut checks = HealthChecks::new();
         health::first_checks_done(checks.sync(&runtime.load())).await;
 
+        let access_log = AccessLog::start(&config.global.access_log, config.global.log_format)
+            .map_err(StartError::AccessLog)?;
         let shared = Shared {
             runtime: Arc::clone(&runtime),
             connections: Arc::new(Semaphore::new(config.global.max_connections)),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            access_log: Arc::new(ArcSwapOption::new(access_log)),
         };
         let background = CancellationToken::new();
         tokio::spawn(sweep_pools(Arc::clone(&runtime), background.clone()));
@@ -271,6 +277,26 @@ impl Proxy {
             }
         };
 
+        // A changed access log target is opened before anything changes.
+        let global = &config.global;
+        let current_log = self.shared.access_log.load_full();
+        let log_changed = match &current_log {
+            Some(log) => log.target != global.access_log || log.format != global.log_format,
+            None => global.access_log != config::AccessLog::Off,
+        };
+        let new_log = if log_changed {
+            match AccessLog::start(&global.access_log, global.log_format) {
+                Ok(log) => Some(log),
+                Err(err) => {
+                    let err = StartError::AccessLog(err);
+                    self.reloads.failed(err.to_string());
+                    return Err(err.into());
+                }
+            }
+        } else {
+            None
+        };
+
         let previous = self.runtime.load_full();
         let next = Runtime::build(Arc::clone(&config), Some(&previous));
         // Servers the reload adds are checked before they take traffic.
@@ -278,6 +304,9 @@ impl Proxy {
         let generation = next.generation;
         self.runtime.store(Arc::new(next));
 
+        if let Some(log) = new_log {
+            self.shared.access_log.store(log);
+        }
         self.update_connection_limit(config.global.max_connections);
         self.update_frontend_limits(&config);
         let wanted: HashMap<&ListenerKey, &config::Frontend> =
@@ -337,6 +366,14 @@ impl Proxy {
             control,
         });
         Ok(())
+    }
+
+    /// Reopens the access log file (SIGUSR1, after logrotate moved it).
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = self.shared.access_log.load_full() {
+            log.reopen();
+            tracing::info!("access log reopened");
+        }
     }
 
     fn settings_for(&self, frontend: &config::Frontend) -> ListenerSettings {
@@ -489,12 +526,13 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
     use tokio::signal::unix::{SignalKind, signal};
 
     // Handlers first: a signal during start must not kill the process.
-    let (mut terminate, mut interrupt, mut hangup) = match (
+    let (mut terminate, mut interrupt, mut hangup, mut user1) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
     ) {
-        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        (Ok(t), Ok(i), Ok(h), Ok(u)) => (t, i, h, u),
         _ => {
             tracing::error!("cannot install signal handlers");
             return 1;
@@ -529,6 +567,10 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => Trigger::Signal,
+            _ = user1.recv() => {
+                proxy.reopen_access_log();
+                continue;
+            }
             () = changed(&mut watcher) => {
                 let now = fingerprint(&watched);
                 if now == last_fingerprint {

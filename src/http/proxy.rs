@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
@@ -14,10 +15,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
-use super::body::{Completion, RequestBody, ResponseBody};
+use super::body::{Completion, PendingLog, RequestBody, ResponseBody};
 use super::conn::ConnActivity;
 use super::error::ProxyError;
 use super::headers::{ensure_request_id, is_upgrade_request, set_forwarded, strip_hop_by_hop};
+use crate::access_log::{AccessLog, HttpEntry};
 use crate::balance::PickContext;
 use crate::config::Protocol;
 use crate::listener::ListenerControl;
@@ -42,16 +44,23 @@ pub struct ConnContext {
     pub tunnels: TaskTracker,
     /// Counts the connection (and its requests and bytes) for its frontend.
     pub connection: OpenConnection,
+    /// Where requests are logged, when the access log is on.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// The service hyper calls for each request.
 pub async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Response<ResponseBody> {
+    let started = Instant::now();
     let active = ctx.activity.begin_request();
     ctx.connection
         .stats()
         .requests
         .fetch_add(1, Ordering::Relaxed);
     let grpc = is_grpc(&request);
+    // Kept for the logs; cloning them costs no allocation.
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let mut trace = Trace::default();
     let response = if ctx.refused {
         let mut response = error_response(ProxyError::Refused, grpc);
         if request.version() < Version::HTTP_2 {
@@ -61,23 +70,57 @@ pub async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Respon
         }
         response
     } else {
-        // Kept for the log line; cloning them costs no allocation.
-        let method = request.method().clone();
-        let uri = request.uri().clone();
-        forward(&ctx, request).await.unwrap_or_else(|err| {
-            tracing::warn!(
-                frontend = %ctx.listener.frontend(),
-                client = %ctx.client,
-                %method,
-                path = uri.path(),
-                status = err.status().as_u16(),
-                error = %err,
-                "request failed"
-            );
-            error_response(err, grpc)
-        })
+        forward(&ctx, request, &mut trace)
+            .await
+            .unwrap_or_else(|err| {
+                tracing::warn!(
+                    frontend = %ctx.listener.frontend(),
+                    client = %ctx.client,
+                    %method,
+                    path = uri.path(),
+                    status = err.status().as_u16(),
+                    error = %err,
+                    "request failed"
+                );
+                error_response(err, grpc)
+            })
     };
-    response.map(|body| body.track(active))
+    let status = response.status().as_u16();
+    response.map(|body| {
+        let body = body.track(active);
+        match &ctx.access_log {
+            None => body,
+            Some(log) => body.log(PendingLog {
+                log: Arc::clone(log),
+                entry: Box::new(HttpEntry {
+                    time: SystemTime::now() - started.elapsed(),
+                    client: ctx.client,
+                    frontend: ctx.listener.frontend(),
+                    backend: trace.backend,
+                    server: trace.server,
+                    method,
+                    uri,
+                    status,
+                    bytes: 0,
+                    ttfb: started.elapsed(),
+                    total: Duration::ZERO,
+                    request_id: trace.request_id,
+                    retries: trace.retries,
+                }),
+                started,
+            }),
+        }
+    })
+}
+
+/// What a request met on its way, for the access log.
+#[derive(Debug, Default)]
+struct Trace {
+    backend: Option<Arc<str>>,
+    /// The server of the last attempt.
+    server: Option<Arc<str>>,
+    retries: u32,
+    request_id: Option<HeaderValue>,
 }
 
 fn error_response(err: ProxyError, grpc: bool) -> Response<ResponseBody> {
@@ -99,6 +142,7 @@ fn is_grpc(request: &Request<Incoming>) -> bool {
 async fn forward(
     ctx: &ConnContext,
     mut request: Request<Incoming>,
+    trace: &mut Trace,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let runtime = ctx.runtime.load_full();
     let frontend = runtime
@@ -115,6 +159,7 @@ async fn forward(
 
     let (mut parts, body) = request.into_parts();
     let backend = Arc::clone(frontend.router.route(&parts));
+    trace.backend = Some(Arc::clone(&backend.name));
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -126,7 +171,7 @@ async fn forward(
     // the body is first read, i.e. once a server connection is ready).
     parts.headers.remove(header::EXPECT);
     set_forwarded(&mut parts.headers, ctx.client.ip(), ctx.https, host.clone());
-    ensure_request_id(&mut parts.headers);
+    trace.request_id = Some(ensure_request_id(&mut parts.headers));
     set_target(&mut parts, &backend, host)?;
 
     let body = if body.is_end_stream() {
@@ -135,7 +180,7 @@ async fn forward(
         RequestBody::Streaming(body)
     };
     let request = Request::from_parts(parts, body);
-    let (mut response, guard, connection) = send(ctx, &backend, request).await?;
+    let (mut response, guard, connection) = send(ctx, &backend, request, trace).await?;
 
     if tunnel && response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let server_upgrade = hyper::upgrade::on(&mut response);
@@ -254,6 +299,7 @@ async fn send(
     ctx: &ConnContext,
     backend: &Backend,
     mut request: Request<RequestBody>,
+    trace: &mut Trace,
 ) -> Result<(Response<Incoming>, InFlightGuard, Connection), ProxyError> {
     let pick = PickContext {
         client: ctx.client.ip(),
@@ -266,6 +312,8 @@ async fn send(
     loop {
         let guard = backend.acquire_retry(&pick, failed.as_ref()).await?;
         let server = Arc::clone(guard.server());
+        trace.server = Some(Arc::clone(&server.name));
+        trace.retries = backend.config.retries - retries_left;
         let retry = |retries_left: &mut u32| {
             if *retries_left == 0 {
                 return false;

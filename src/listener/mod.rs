@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::AccessLog;
 use crate::config::Mode;
 use crate::http::conn::{ClientTimeouts, ConnActivity};
 use crate::http::proxy::ConnContext;
@@ -53,6 +54,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Cancelled when the process stops: connections finish what is in flight.
     pub shutdown: CancellationToken,
+    /// The access log new connections write to (swapped when a reload changes it).
+    pub access_log: Arc<ArcSwapOption<AccessLog>>,
 }
 
 /// What a listener serves, swapped whole when a reload changes it.
@@ -144,6 +147,7 @@ impl Listener {
                 .as_ref()
                 .and_then(|tls| tls.server.clone());
             let open = frontend.stats.open_connection();
+            let access_log = shared.access_log.load_full();
             match frontend.config.mode {
                 Mode::Http => {
                     let builder = match &builder {
@@ -165,6 +169,7 @@ impl Listener {
                         builder,
                         tunnels: shared.tracker.clone(),
                         open,
+                        access_log,
                     };
                     shared.tracker.spawn(async move {
                         prepare(&stream);
@@ -199,7 +204,8 @@ impl Listener {
                                     }
                                 }
                             };
-                            tcp::session(stream, client, frontend, timeouts.client_idle).await;
+                            let idle = timeouts.client_idle;
+                            tcp::session(stream, client, frontend, idle, access_log).await;
                         };
                         tokio::select! {
                             () = session => {}
@@ -224,6 +230,7 @@ struct HttpConnection {
     builder: Arc<ServerBuilder>,
     tunnels: TaskTracker,
     open: OpenConnection,
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl HttpConnection {
@@ -252,6 +259,7 @@ impl HttpConnection {
             activity: Arc::new(ConnActivity::default()),
             tunnels: self.tunnels,
             connection: self.open,
+            access_log: self.access_log,
         });
         server::serve(stream, ctx, builder, timeouts, drain, http2).await;
     }
