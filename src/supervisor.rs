@@ -487,12 +487,13 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
     use tokio::signal::unix::{SignalKind, signal};
 
     // Handlers first: a signal during start must not kill the process.
-    let (mut terminate, mut interrupt, mut hangup) = match (
+    let (mut terminate, mut interrupt, mut hangup, mut user1) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
     ) {
-        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        (Ok(t), Ok(i), Ok(h), Ok(u)) => (t, i, h, u),
         _ => {
             tracing::error!("cannot install signal handlers");
             return 1;
@@ -527,6 +528,13 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => Trigger::Signal,
+            _ = user1.recv() => {
+                // logrotate's postrotate sends SIGUSR1, whose default action
+                // would end the process. The access log file reopens here
+                // once flowgate writes one; nothing else is open to reopen.
+                tracing::info!("SIGUSR1: no access log file to reopen");
+                continue;
+            }
             () = changed(&mut watcher) => {
                 let now = fingerprint(&watched);
                 if now == last_fingerprint {
