@@ -804,6 +804,43 @@ async fn sigusr1_neither_stops_nor_reloads() {
     assert_eq!(flowgate.wait_exit(LIMIT).await, Some(0));
 }
 
+#[tokio::test]
+async fn save_during_a_reload_is_reloaded_too() {
+    let (a, c) = (Origin::named("a").await, Origin::named("c").await);
+    // A server whose checks hang: a reload that adds it waits for its first
+    // check until the check timeout.
+    let hanging = Origin::start(|_| std::future::pending()).await;
+    let config = |servers: &[(&str, SocketAddr, u32)]| {
+        http_config(servers, "", "http").replace(
+            "interval = \"500ms\"",
+            "interval = \"10s\"\ntimeout = \"1s\"",
+        )
+    };
+    let flowgate = FlowgateProcess::run(&config(&[("s0", a.addr, 1)]));
+    let web = flowgate.frontend_addr("web").await;
+
+    // Save B: its reload has read the file once the new server gets its check.
+    save_by_rename(
+        &flowgate.config,
+        &config(&[("s0", a.addr, 1), ("slow", hanging.addr, 1)]),
+    );
+    wait_until(LIMIT, "the first check of the added server", || {
+        hanging.count() == 1
+    })
+    .await;
+    // Save C while that reload still runs.
+    save_by_rename(&flowgate.config, &config(&[("s0", c.addr, 1)]));
+
+    assert_eq!(wait_for_reload_after(&flowgate, 1).await, 2, "B");
+    // C must not be lost: it is what the file says now.
+    assert_eq!(
+        wait_for_reload_after(&flowgate, 2).await,
+        3,
+        "C was not reloaded"
+    );
+    assert_eq!(get(web, "/").await, (200, "c".to_owned()));
+}
+
 // ---- What a server that stays keeps ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
