@@ -549,6 +549,10 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             }
         };
         let started = Instant::now();
+        // The files as they are before the reload reads them: a save that
+        // lands while it runs (and it may wait for first checks) then differs
+        // from this, and is reloaded in turn.
+        let before = fingerprint(&watched);
         systemd::reloading();
         let result = proxy.reload_file().await;
         systemd::ready();
@@ -569,9 +573,10 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
                 Err(err.to_string())
             }
         };
-        // Watch what the running config names, and remember what it read.
+        // Watch what the running config names. When that list changed, the
+        // next event in a watched directory reloads once more.
         watched = watched_files(&proxy.runtime().load().config);
-        last_fingerprint = fingerprint(&watched);
+        last_fingerprint = before;
         if let Some(watcher) = watcher.as_mut() {
             watcher.watch(&watched);
         }
