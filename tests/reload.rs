@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    Body, EchoOrigin, FlowgateProcess, Origin, empty, full, get, start_proxy, unused_addr,
-    wait_until,
+    Body, EchoOrigin, FlowgateProcess, Origin, empty, full, get, start_proxy, wait_until,
 };
 use flowgate::config::Config;
 use flowgate::supervisor::{Proxy, ReloadError};
@@ -327,6 +326,19 @@ fn load_config(revision: usize, origins: &[SocketAddr]) -> String {
     text
 }
 
+/// One request on a new connection to the second listener: it must answer 200.
+async fn probe(flowgate: &FlowgateProcess, addr: SocketAddr, revision: usize, what: &str) {
+    let answer = match KeepAlive::open(addr).await {
+        Ok(mut connection) => connection.get("/").await,
+        Err(err) => Err(err),
+    };
+    assert!(
+        matches!(answer, Ok((200, _))),
+        "{what} {addr} at revision {revision}: {answer:?}; log:\n{}",
+        flowgate.log().join("\n")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_reloads_under_load_lose_no_request() {
     let _heavy = HEAVY.lock().await;
@@ -366,7 +378,7 @@ async fn fifty_reloads_under_load_lose_no_request() {
                 let addr = *listening_addrs(&flowgate, "extra")
                     .last()
                     .expect("the added listener is logged");
-                assert_eq!(get(addr, "/").await.0, 200, "the added listener serves");
+                probe(&flowgate, addr, revision, "the added listener").await;
                 extra = Some(addr);
             }
             (Some(addr), true) => {
@@ -375,7 +387,7 @@ async fn fifty_reloads_under_load_lose_no_request() {
                     Some(&addr),
                     "a listener that stays was bound again"
                 );
-                assert_eq!(get(addr, "/").await.0, 200, "the kept listener serves");
+                probe(&flowgate, addr, revision, "the kept listener").await;
             }
             (Some(addr), false) => {
                 wait_until_refused(addr).await;
@@ -693,9 +705,14 @@ async fn invalid_file_counts_a_failure_and_changes_nothing() {
 #[tokio::test]
 async fn listener_on_an_occupied_port_fails_the_whole_reload() {
     let (a, b) = (Origin::named("a").await, Origin::named("b").await);
-    let occupied = std::net::TcpListener::bind("127.0.0.1:0").expect("occupy a port");
+    // On 127.0.0.2, where the other tests' client connections (on 127.0.0.1)
+    // cannot take the free port meanwhile.
+    let occupied = std::net::TcpListener::bind("127.0.0.2:0").expect("occupy a port");
     let busy = occupied.local_addr().expect("busy addr");
-    let free = unused_addr();
+    let free = {
+        let probe = std::net::TcpListener::bind("127.0.0.2:0").expect("bind probe");
+        probe.local_addr().expect("probe addr")
+    };
     let mut proxy = start_proxy(&http_config(&[("s0", a.addr, 1)], "", "none")).await;
     let web = proxy.local_addr("web").expect("bound");
 
@@ -837,6 +854,37 @@ async fn save_during_a_reload_is_reloaded_too() {
         wait_for_reload_after(&flowgate, 2).await,
         3,
         "C was not reloaded"
+    );
+    assert_eq!(get(web, "/").await, (200, "c".to_owned()));
+}
+
+#[tokio::test]
+async fn save_during_start_is_reloaded() {
+    let c = Origin::named("c").await;
+    // The first check of this server holds the start for the check timeout.
+    let hanging = Origin::start(|_| std::future::pending()).await;
+    let slow_check = |text: String| {
+        text.replace(
+            "interval = \"500ms\"",
+            "interval = \"10s\"\ntimeout = \"1s\"",
+        )
+    };
+    let flowgate = FlowgateProcess::run(&slow_check(http_config(
+        &[("slow", hanging.addr, 1)],
+        "",
+        "http",
+    )));
+    wait_until(LIMIT, "the first check at start", || hanging.count() == 1).await;
+    save_by_rename(
+        &flowgate.config,
+        &slow_check(http_config(&[("s0", c.addr, 1)], "", "http")),
+    );
+
+    let web = flowgate.frontend_addr("web").await;
+    assert_eq!(
+        wait_for_reload_after(&flowgate, 1).await,
+        2,
+        "the save was lost"
     );
     assert_eq!(get(web, "/").await, (200, "c".to_owned()));
 }
