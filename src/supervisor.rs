@@ -499,13 +499,8 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             return 1;
         }
     };
-    let mut proxy = match Proxy::start(config).await {
-        Ok(proxy) => proxy,
-        Err(err) => {
-            tracing::error!("{err}");
-            return 1;
-        }
-    };
+    // Watch before starting: a save while the listeners bind and the first
+    // checks run is a change like any later one.
     let mut watcher = match ConfigWatcher::new() {
         Ok(watcher) => Some(watcher),
         Err(err) => {
@@ -513,11 +508,18 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             None
         }
     };
-    let mut watched = watched_files(&proxy.runtime().load().config);
+    let mut watched = watched_files(&config);
     let mut last_fingerprint = fingerprint(&watched);
     if let Some(watcher) = watcher.as_mut() {
         watcher.watch(&watched);
     }
+    let mut proxy = match Proxy::start(config).await {
+        Ok(proxy) => proxy,
+        Err(err) => {
+            tracing::error!("{err}");
+            return 1;
+        }
+    };
     let mut requests = requests;
     let watchdog = systemd::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
