@@ -302,20 +302,25 @@ const REWRITES: usize = 50;
 
 /// Revision `revision` of the config under load. Every revision differs from
 /// the one before: the weights of s0 and s1 change, a third server s2 is there
-/// in revisions 1 and 2 of every 4, a second listener `extra` in 2 and 3.
-fn load_config(revision: usize, origins: &[SocketAddr]) -> String {
+/// in revisions 1 and 2 of every 4, a second listener `extra` in 2 and 3. A
+/// route `/revision/N/` to the `marker` backend tells which one runs.
+fn load_config(revision: usize, origins: &[SocketAddr], marker: SocketAddr) -> String {
     let weights = [1 + revision % 3, 1 + (revision + 1) % 3];
     let third_server = matches!(revision % 4, 1 | 2);
     let second_listener = matches!(revision % 4, 2 | 3);
     let mut text = format!(
-        "# revision {revision}\n\
-         [global]\ngrace_period = \"5s\"\n\n\
-         [frontends.web]\nbind = [\"127.0.0.1:0\"]\nbackend = \"pool\"\n\n"
+        "[global]\ngrace_period = \"5s\"\n\n\
+         [frontends.web]\nbind = [\"127.0.0.1:0\"]\nbackend = \"pool\"\n\
+         [[frontends.web.routes]]\npath_prefix = \"/revision/{revision}/\"\nbackend = \"marker\"\n\n"
     );
     if second_listener {
         text += "[frontends.extra]\nbind = [\"127.0.0.1:0\"]\nbackend = \"pool\"\n\n";
     }
-    text += "[backends.pool]\n\n[backends.pool.health]\ncheck = \"none\"\n\n";
+    text += &format!(
+        "[backends.marker]\n[backends.marker.health]\ncheck = \"none\"\n\
+         [[backends.marker.servers]]\nname = \"marker\"\naddress = \"{marker}\"\n\n\
+         [backends.pool]\n\n[backends.pool.health]\ncheck = \"none\"\n\n"
+    );
     let count = if third_server { 3 } else { 2 };
     for (index, addr) in origins.iter().take(count).enumerate() {
         let weight = weights.get(index).copied().unwrap_or(2);
@@ -324,6 +329,30 @@ fn load_config(revision: usize, origins: &[SocketAddr]) -> String {
         );
     }
     text
+}
+
+/// Waits (bounded) until revision `revision` of [`load_config`] answers, on a
+/// keep-alive connection of its own to the listener that stays.
+async fn wait_for_revision(
+    flowgate: &FlowgateProcess,
+    connection: &mut KeepAlive,
+    revision: usize,
+) {
+    let path = format!("/revision/{revision}/");
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        match connection.get(&path).await {
+            Ok((200, body)) if body == "marker" => return,
+            Ok((200, _)) => {}
+            other => panic!("{path}: {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revision {revision} not running after {LIMIT:?}; log:\n{}",
+            flowgate.log().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// One request on a new connection to the second listener: it must answer 200.
@@ -347,47 +376,54 @@ async fn fifty_reloads_under_load_lose_no_request() {
         Origin::named("s1").await,
         Origin::named("s2").await,
     ];
+    let marker = Origin::named("marker").await;
     let addrs: Vec<SocketAddr> = origins.iter().map(|origin| origin.addr).collect();
-    let flowgate = FlowgateProcess::run(&load_config(0, &addrs));
+    let flowgate = FlowgateProcess::run(&load_config(0, &addrs, marker.addr));
     let web = flowgate.frontend_addr("web").await;
     let (load, stop, clients) = start_load(web, LOAD_CLIENTS).await;
+    let mut watching = KeepAlive::open(web).await.expect("connect");
 
     let started = Instant::now();
-    let mut generation = 1;
     let mut extra: Option<SocketAddr> = None;
     for revision in 1..=REWRITES {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "50 reloads take more than 20s (at revision {revision})"
         );
-        let text = load_config(revision, &addrs);
+        let text = load_config(revision, &addrs, marker.addr);
+        let extra_listeners = listening_addrs(&flowgate, "extra").len();
         match revision % 3 {
             0 => std::fs::write(&flowgate.config, &text).expect("write in place"),
             1 => save_by_rename(&flowgate.config, &text),
+            // The watcher sees this save too: when it comes first, SIGHUP
+            // reloads the same file once more.
             _ => {
                 save_by_rename(&flowgate.config, &text);
                 flowgate.signal("HUP");
             }
         }
-        generation = wait_for_reload_after(&flowgate, generation).await;
+        wait_for_revision(&flowgate, &mut watching, revision).await;
 
         // The second listener comes, stays once, and goes.
         let wanted = matches!(revision % 4, 2 | 3);
         match (extra, wanted) {
             (None, true) => {
-                let addr = *listening_addrs(&flowgate, "extra")
-                    .last()
-                    .expect("the added listener is logged");
+                // Logged just after the new config is published.
+                wait_until(LIMIT, "the added listener", || {
+                    listening_addrs(&flowgate, "extra").len() > extra_listeners
+                })
+                .await;
+                let addr = *listening_addrs(&flowgate, "extra").last().expect("logged");
                 probe(&flowgate, addr, revision, "the added listener").await;
                 extra = Some(addr);
             }
             (Some(addr), true) => {
+                probe(&flowgate, addr, revision, "the kept listener").await;
                 assert_eq!(
-                    listening_addrs(&flowgate, "extra").last(),
-                    Some(&addr),
+                    listening_addrs(&flowgate, "extra").len(),
+                    extra_listeners,
                     "a listener that stays was bound again"
                 );
-                probe(&flowgate, addr, revision, "the kept listener").await;
             }
             (Some(addr), false) => {
                 wait_until_refused(addr).await;
@@ -398,6 +434,7 @@ async fn fifty_reloads_under_load_lose_no_request() {
     }
     let reloading = started.elapsed();
     stop_load(stop, clients).await;
+    let generation = applied_generation(&flowgate);
 
     let log = flowgate.log();
     let by = |trigger: &str| {
@@ -597,7 +634,8 @@ async fn invalid_file_during_load_keeps_the_running_config() {
     let (load, stop, clients) = start_load(web, 8).await;
 
     let invalid = invalid_config(b.addr);
-    std::fs::write(&flowgate.config, &invalid).expect("write in place");
+    // By rename: an in-place write read half-way would add its own error.
+    save_by_rename(&flowgate.config, &invalid);
     let deadline = Instant::now() + LIMIT;
     while rejected_lines(&flowgate).len() < 2 {
         assert!(
@@ -702,28 +740,62 @@ async fn invalid_file_counts_a_failure_and_changes_nothing() {
     proxy.shutdown(Duration::from_secs(1)).await;
 }
 
+/// The second loopback address: no other test here listens on it.
+const LOOPBACK_2: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 2);
+
+/// How many listening TCP sockets this process holds on `ip`, from /proc: the
+/// listeners flowgate bound and closed again leave no trace in its own state.
+fn listening_sockets_on(ip: std::net::Ipv4Addr) -> usize {
+    let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    // The kernel prints the address in network byte order as a host integer.
+    let local = format!("{:08X}:", u32::from_ne_bytes(ip.octets()));
+    std::fs::read_to_string("/proc/self/net/tcp")
+        .expect("/proc/self/net/tcp")
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| {
+            fields.len() > 9
+                && fields[1].starts_with(&local)
+                && fields[3] == "0A" // LISTEN
+                && ours.contains(fields[9])
+        })
+        .count()
+}
+
 #[tokio::test]
 async fn listener_on_an_occupied_port_fails_the_whole_reload() {
     let (a, b) = (Origin::named("a").await, Origin::named("b").await);
-    // On 127.0.0.2, where the other tests' client connections (on 127.0.0.1)
-    // cannot take the free port meanwhile.
-    let occupied = std::net::TcpListener::bind("127.0.0.2:0").expect("occupy a port");
+    let occupied = std::net::TcpListener::bind((LOOPBACK_2, 0)).expect("occupy a port");
     let busy = occupied.local_addr().expect("busy addr");
-    let free = {
-        let probe = std::net::TcpListener::bind("127.0.0.2:0").expect("bind probe");
-        probe.local_addr().expect("probe addr")
-    };
     let mut proxy = start_proxy(&http_config(&[("s0", a.addr, 1)], "", "none")).await;
     let web = proxy.local_addr("web").expect("bound");
+    assert_eq!(listening_sockets_on(LOOPBACK_2), 1);
 
-    // Another server, a listener that could bind and one that cannot.
-    let text = format!(
-        "{}[frontends.spare]\nbind = [\"{free}\"]\nbackend = \"pool\"\n\n\
-         [frontends.extra]\nbind = [\"{busy}\"]\nbackend = \"pool\"\n",
-        http_config(&[("s0", b.addr, 1)], "", "none")
-    );
+    // Another server, a listener that can bind and, after it in the file, one
+    // that cannot.
+    let config = |with_busy: bool| {
+        let mut text = http_config(&[("s0", b.addr, 1)], "", "none");
+        text += &format!("[frontends.spare]\nbind = [\"{LOOPBACK_2}:0\"]\nbackend = \"pool\"\n\n");
+        if with_busy {
+            text += &format!("[frontends.extra]\nbind = [\"{busy}\"]\nbackend = \"pool\"\n");
+        }
+        text
+    };
     let err = proxy
-        .reload(parse(&text))
+        .reload(parse(&config(true)))
         .await
         .expect_err("a listener on an occupied port");
     assert!(matches!(err, ReloadError::Bind(_)), "{err:?}");
@@ -734,22 +806,31 @@ async fn listener_on_an_occupied_port_fails_the_whole_reload() {
     );
     assert_eq!(proxy.reload_stats().failures.load(Ordering::Relaxed), 1);
 
-    // Nothing of it applies: same generation, same listeners, same server.
+    // Nothing of it applies: same generation, same listeners, same server; the
+    // socket it had bound for `spare` is closed again.
     assert_eq!(proxy.runtime().load().generation, 1);
     let listeners: Vec<SocketAddr> = proxy.listeners().iter().map(|l| l.addr).collect();
     assert_eq!(listeners, vec![web]);
     assert_eq!(proxy.local_addr("spare"), None);
     assert_eq!(proxy.local_addr("extra"), None);
-    std::net::TcpListener::bind(free).expect("the port of the listener that could bind is free");
+    assert_eq!(
+        listening_sockets_on(LOOPBACK_2),
+        1,
+        "a socket of the failed reload is still open"
+    );
     assert_eq!(get(web, "/").await, (200, "a".to_owned()));
     assert_eq!(b.count(), 0);
 
-    // Once the port is free, the same file loads.
-    drop(occupied);
-    assert_eq!(proxy.reload(parse(&text)).await.expect("reload"), 2);
-    assert_eq!(proxy.local_addr("extra"), Some(busy));
-    assert_eq!(get(busy, "/").await, (200, "b".to_owned()));
+    // Without the listener on the occupied port, the rest loads.
+    assert_eq!(
+        proxy.reload(parse(&config(false))).await.expect("reload"),
+        2
+    );
+    let spare = proxy.local_addr("spare").expect("spare bound");
+    assert_eq!(listening_sockets_on(LOOPBACK_2), 2);
+    assert_eq!(get(spare, "/").await, (200, "b".to_owned()));
     assert_eq!(get(web, "/").await, (200, "b".to_owned()));
+    drop(occupied);
     proxy.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -969,22 +1050,19 @@ async fn notification(socket: &UnixDatagram) -> String {
 
 #[tokio::test]
 async fn sd_notify_messages_in_order_across_start_reload_and_stop() {
-    let (origin, connections) =
-        Origin::start_counting_connections(|_| async { Response::new(full("ok")) }).await;
+    let origin = Origin::named("ok").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("bind notify socket");
     let config = dir.path().join("flowgate.toml");
-    std::fs::write(&config, http_config(&[("s0", origin.addr, 1)], "", "tcp")).expect("write");
+    std::fs::write(&config, http_config(&[("s0", origin.addr, 1)], "", "http")).expect("write");
     let mut flowgate =
         FlowgateProcess::run_in(dir, config, &[("NOTIFY_SOCKET", socket_path.as_os_str())]);
 
     assert_eq!(notification(&socket).await, "READY=1\n");
-    // Ready means bound and checked.
-    assert!(
-        connections.load(Ordering::SeqCst) >= 1,
-        "READY=1 before the first check"
-    );
+    // Ready means bound and checked: the origin counted the check request
+    // before it answered it.
+    assert!(origin.count() >= 1, "READY=1 before the first check");
     let web = flowgate.frontend_addr("web").await;
     assert_eq!(get(web, "/").await.0, 200);
 
