@@ -370,9 +370,12 @@ impl Proxy {
 
     /// Reopens the access log file (SIGUSR1, after logrotate moved it).
     pub fn reopen_access_log(&self) {
-        if let Some(log) = self.shared.access_log.load_full() {
-            log.reopen();
-            tracing::info!("access log reopened");
+        match self.shared.access_log.load_full() {
+            Some(log) => {
+                log.reopen();
+                tracing::info!("SIGUSR1: access log reopened");
+            }
+            None => tracing::info!("SIGUSR1: the access log is off, nothing to reopen"),
         }
     }
 
@@ -538,13 +541,8 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             return 1;
         }
     };
-    let mut proxy = match Proxy::start(config).await {
-        Ok(proxy) => proxy,
-        Err(err) => {
-            tracing::error!("{err}");
-            return 1;
-        }
-    };
+    // Watch before starting: a save while the listeners bind and the first
+    // checks run is a change like any later one.
     let mut watcher = match ConfigWatcher::new() {
         Ok(watcher) => Some(watcher),
         Err(err) => {
@@ -552,11 +550,18 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             None
         }
     };
-    let mut watched = watched_files(&proxy.runtime().load().config);
+    let mut watched = watched_files(&config);
     let mut last_fingerprint = fingerprint(&watched);
     if let Some(watcher) = watcher.as_mut() {
         watcher.watch(&watched);
     }
+    let mut proxy = match Proxy::start(config).await {
+        Ok(proxy) => proxy,
+        Err(err) => {
+            tracing::error!("{err}");
+            return 1;
+        }
+    };
     let mut requests = requests;
     let watchdog = systemd::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
@@ -585,6 +590,10 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             }
         };
         let started = Instant::now();
+        // The files as they are before the reload reads them: a save that
+        // lands while it runs (and it may wait for first checks) then differs
+        // from this, and is reloaded in turn.
+        let before = fingerprint(&watched);
         systemd::reloading();
         let result = proxy.reload_file().await;
         systemd::ready();
@@ -606,9 +615,10 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
                 Err(err.to_string())
             }
         };
-        // Watch what the running config names, and remember what it read.
+        // Watch what the running config names. When that list changed, the
+        // next event in a watched directory reloads once more.
         watched = watched_files(&proxy.runtime().load().config);
-        last_fingerprint = fingerprint(&watched);
+        last_fingerprint = before;
         if let Some(watcher) = watcher.as_mut() {
             watcher.watch(&watched);
         }

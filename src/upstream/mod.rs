@@ -174,7 +174,7 @@ impl Backend {
     /// server at all the answer is immediate.
     pub async fn acquire(&self, ctx: &PickContext<'_>) -> Result<InFlightGuard, Unavailable> {
         if self.queue.is_empty()
-            && let Some(server) = self.pick(ctx)
+            && let Some(server) = self.pick(ctx).or_else(|| self.server_with_room())
         {
             return Ok(server.begin());
         }
@@ -233,6 +233,23 @@ impl Backend {
                 return;
             }
         }
+    }
+
+    /// The first server, in file order, of the tier that takes traffic now
+    /// (backups only while no other server is usable) that is under its
+    /// `max_connections`. The balancer can miss such a server for the instant
+    /// it rebuilds what it derives from the server set (a new snapshot after a
+    /// reload, a state change), and the queue is only for servers at their
+    /// limit: a request queued then would wait for a slot that nothing hands
+    /// over, and get a 503 at `timeouts.queue`.
+    fn server_with_room(&self) -> Option<&Arc<Server>> {
+        let primary = self
+            .servers
+            .iter()
+            .any(|server| !server.backup && server.is_usable());
+        self.servers
+            .iter()
+            .find(|server| server.backup != primary && server.is_usable() && server.has_capacity())
     }
 
     /// The slot for another attempt after `failed` failed: another server when

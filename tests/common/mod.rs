@@ -891,3 +891,53 @@ impl Origin {
         }
     }
 }
+
+// ---- The binary with a config laid out by the test, extra environment ----
+
+impl FlowgateProcess {
+    /// Runs `flowgate run --config CONFIG` on a config the test laid out in `dir`
+    /// itself (symlinks, ...), with extra environment variables.
+    pub fn run_in(
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> FlowgateProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flowgate"));
+        command
+            .args(["run", "--config"])
+            .arg(&config)
+            .envs(env.iter().copied());
+        Self::run_command(command, dir, config)
+    }
+
+    /// Runs a prepared command whose process becomes flowgate (for example
+    /// `sh -c 'exec flowgate ...'`), collecting its stderr like
+    /// [`FlowgateProcess::run`].
+    pub fn run_command(
+        mut command: Command,
+        dir: tempfile::TempDir,
+        config: PathBuf,
+    ) -> FlowgateProcess {
+        let mut child = command
+            .env("FLOWGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn flowgate");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        FlowgateProcess {
+            child,
+            dir,
+            config,
+            log,
+        }
+    }
+}
