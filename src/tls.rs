@@ -202,12 +202,19 @@ impl SniResolver {
                     format!("{}: {}", pair.key.display(), pem_error(&err)),
                 )
             })?;
-            let signing_key = provider
-                .key_provider
-                .load_private_key(key)
-                .map_err(|err| error(TlsSource::Key(index), err.to_string()))?;
+            let signing_key = provider.key_provider.load_private_key(key).map_err(|err| {
+                error(
+                    TlsSource::Key(index),
+                    format!("{}: {err}", pair.key.display()),
+                )
+            })?;
             let names: Vec<String> = webpki::EndEntityCert::try_from(&certs[0])
-                .map_err(|err| error(TlsSource::Cert(index), format!("{err:?}")))?
+                .map_err(|err| {
+                    error(
+                        TlsSource::Cert(index),
+                        format!("{}: not a valid certificate ({err:?})", pair.cert.display()),
+                    )
+                })?
                 .valid_dns_names()
                 .map(str::to_ascii_lowercase)
                 .collect();
@@ -215,7 +222,11 @@ impl SniResolver {
             certified.keys_match().map_err(|err| {
                 error(
                     TlsSource::Key(index),
-                    format!("does not belong to the certificate: {err}"),
+                    format!(
+                        "{}: does not belong to the certificate in {}: {err}",
+                        pair.key.display(),
+                        pair.cert.display()
+                    ),
                 )
             })?;
             for name in names {
@@ -257,5 +268,66 @@ impl SniResolver {
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.resolve_name(hello.server_name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frontend(cert: &Path, key: &Path) -> config::FrontendTls {
+        config::FrontendTls {
+            certificates: vec![CertificatePair {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+            }],
+            alpn: Vec::new(),
+            min_version: TlsVersion::Tls12,
+            client_ca: None,
+            server: None,
+        }
+    }
+
+    #[test]
+    fn certificate_and_key_problems_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key, other_key) = (
+            dir.path().join("engine.pem"),
+            dir.path().join("engine.key"),
+            dir.path().join("other.key"),
+        );
+        let generated = rcgen::generate_simple_self_signed(vec!["engine.example.com".to_string()])
+            .expect("certificate");
+        std::fs::write(&key, generated.signing_key.serialize_pem()).expect("key");
+        let other = rcgen::KeyPair::generate().expect("other key");
+        std::fs::write(&other_key, other.serialize_pem()).expect("other key");
+
+        // PEM that is no certificate (a broken rotation, say).
+        std::fs::write(
+            &cert,
+            "-----BEGIN CERTIFICATE-----\nbm8gY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+        )
+        .expect("cert");
+        let err = server_config(&frontend(&cert, &key)).expect_err("garbage certificate");
+        assert_eq!(err.source, TlsSource::Cert(0));
+        assert!(
+            err.message
+                .starts_with(&format!("{}: not a valid certificate", cert.display())),
+            "{err}"
+        );
+
+        // A key that belongs to another certificate.
+        std::fs::write(&cert, generated.cert.pem()).expect("cert");
+        let err = server_config(&frontend(&cert, &other_key)).expect_err("mismatched key");
+        assert_eq!(err.source, TlsSource::Key(0));
+        assert!(
+            err.message.starts_with(&format!(
+                "{}: does not belong to the certificate in {}",
+                other_key.display(),
+                cert.display()
+            )),
+            "{err}"
+        );
+        assert!(server_config(&frontend(&cert, &key)).is_ok());
     }
 }
