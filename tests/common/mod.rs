@@ -941,3 +941,5 @@ impl FlowgateProcess {
         }
     }
 }
+
+pub mod tls;
