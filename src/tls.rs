@@ -197,9 +197,13 @@ impl SniResolver {
             let certs =
                 read_certs(&pair.cert).map_err(|message| error(TlsSource::Cert(index), message))?;
             let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|err| {
+                let problem = match err {
+                    rustls::pki_types::pem::Error::NoItemsFound => "no private key found".into(),
+                    other => pem_error(&other),
+                };
                 error(
                     TlsSource::Key(index),
-                    format!("{}: {}", pair.key.display(), pem_error(&err)),
+                    format!("{}: {problem}", pair.key.display()),
                 )
             })?;
             let signing_key = provider.key_provider.load_private_key(key).map_err(|err| {
@@ -327,6 +331,13 @@ mod tests {
                 cert.display()
             )),
             "{err}"
+        );
+        // A key file without a key (the certificate given twice, say).
+        let err = server_config(&frontend(&cert, &cert)).expect_err("no key");
+        assert_eq!(err.source, TlsSource::Key(0));
+        assert_eq!(
+            err.message,
+            format!("{}: no private key found", cert.display())
         );
         assert!(server_config(&frontend(&cert, &key)).is_ok());
     }
