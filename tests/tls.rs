@@ -864,6 +864,22 @@ async fn hostile_handshakes_are_closed_and_disturb_no_one() {
         "closed after {waited:?}, request_header is 500ms"
     );
     assert_eq!(origin.count(), 1, "only the real client reached the origin");
+    // Each hostile client is one failed handshake in the frontend's metric.
+    let stats = Arc::clone(
+        &proxy
+            .runtime()
+            .load()
+            .frontend("web")
+            .expect("frontend")
+            .stats,
+    );
+    common::wait_until(LIMIT, "4 failed handshakes counted", || {
+        stats
+            .tls_handshake_failures
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 4
+    })
+    .await;
 }
 
 // ---- tcp mode ----
