@@ -501,6 +501,9 @@ async fn every_endpoint_answers_each_role_and_a_bad_token() {
         (Some("up"), Some(1))
     );
 
+    let huge = format!(r#"{{"state":"drain","pad":"{}"}}"#, "x".repeat(70 * 1024));
+    assert_eq!(api.call("PUT", state, op, Some(&huge)).await.status, 413);
+
     // Wrong methods: 405 with Allow.
     for (method, path, allow) in [
         ("POST", "/api/v1/backends", "GET, HEAD"),
@@ -545,6 +548,48 @@ async fn readyz_names_the_backend_without_a_server_up() {
         reply.body,
         "backend pool: no server up\nbackend dead: no server up\n"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_graceful_stop_readyz_says_stopping_until_the_exit() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let origin = {
+        let gate = Arc::clone(&gate);
+        Origin::start(move |_| {
+            let gate = Arc::clone(&gate);
+            async move {
+                if let Ok(permit) = gate.acquire().await {
+                    permit.forget();
+                }
+                Response::new(full("done"))
+            }
+        })
+        .await
+    };
+    let mut flowgate = FlowgateProcess::run(&pool_config(&[origin.addr], CHECKS_OFF, ""));
+    let api = AdminApi::of(&flowgate).await;
+    let web = flowgate.frontend_addr("web").await;
+    let held = tokio::spawn(async move { try_get(&client(), web, "/held").await });
+    eventually(Duration::from_secs(5), "the request in flight", || async {
+        api.server("pool", "s0").await["in_flight"] == 1
+    })
+    .await;
+
+    flowgate.signal("TERM");
+    eventually(Duration::from_secs(5), "readyz 503", || async {
+        let reply = api.call("GET", "/readyz", Auth::None, None).await;
+        reply.status == 503 && reply.body == "stopping\n"
+    })
+    .await;
+    // The drain can be watched while it runs.
+    assert_eq!(api.server("pool", "s0").await["in_flight"], 1);
+    gate.add_permits(1);
+    assert_eq!(
+        held.await.expect("held request"),
+        Ok((200, "done".to_string()))
+    );
+    assert_eq!(flowgate.wait_exit(Duration::from_secs(10)).await, Some(0));
+    wait_refused(api.addr, Duration::from_secs(1)).await;
 }
 
 #[tokio::test]
