@@ -13,9 +13,12 @@
 //!
 //! Around it: [`config`] (TOML -> checked [`config::Config`]), [`health`]
 //! (active checks feeding server state), [`supervisor`] (listener set,
-//! lifecycle), [`demo`] (built-in demo engines).
+//! lifecycle), [`admin`] (admin API, status page, metrics endpoint, state
+//! file), [`metrics`] (counters and their Prometheus rendering), [`demo`]
+//! (built-in demo engines).
 
 pub mod access_log;
+pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod demo;

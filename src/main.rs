@@ -38,6 +38,8 @@ enum Command {
         #[arg(long, env = "FLOWGATE_CONFIG")]
         config: PathBuf,
     },
+    /// Read an admin token on stdin and print its SHA-256 for `[[admin.tokens]]`.
+    HashToken,
     /// Start three demo engine backends on loopback and flowgate in front of them.
     Demo {
         /// Where the demo proxy listens.
@@ -64,9 +66,10 @@ fn main() -> ExitCode {
             let Some(runtime) = build_runtime(config.global.threads) else {
                 return ExitCode::from(1);
             };
-            let code = runtime.block_on(flowgate::supervisor::run(config, None));
+            let code = runtime.block_on(flowgate::supervisor::run(config));
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
+        Command::HashToken => hash_token(),
         Command::Demo { listen } => {
             init_logging(LogFormat::Text);
             let Some(runtime) = build_runtime(0) else {
@@ -81,6 +84,32 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Prints the hex SHA-256 of the token on stdin (one trailing newline is not
+/// part of the token), for `sha256 = "..."` in `[[admin.tokens]]`.
+fn hash_token() -> ExitCode {
+    use std::io::Read;
+    let mut token = Vec::new();
+    if let Err(err) = std::io::stdin().read_to_end(&mut token) {
+        eprintln!("flowgate hash-token: cannot read stdin: {err}");
+        return ExitCode::from(1);
+    }
+    if token.ends_with(b"\n") {
+        token.pop();
+        if token.ends_with(b"\r") {
+            token.pop();
+        }
+    }
+    if token.is_empty() {
+        eprintln!(
+            "flowgate hash-token: no token on stdin (pipe it in, e.g. printf %s \"$TOKEN\" | flowgate hash-token)"
+        );
+        return ExitCode::from(1);
+    }
+    let digest = flowgate::admin::auth::token_digest(&token);
+    println!("{}", flowgate::admin::auth::hex(&digest));
+    ExitCode::SUCCESS
 }
 
 /// Loads and validates a config, printing every problem on stderr.

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLog;
+use crate::admin::{Admin, AdminSocket};
 use crate::config::watch::{ConfigWatcher, fingerprint};
 use crate::config::{self, Config, ConfigErrors};
 use crate::health::{self, HealthChecks};
@@ -47,6 +48,8 @@ pub enum StartError {
     },
     #[error("global.access_log: cannot open the access log: {0}")]
     AccessLog(io::Error),
+    #[error("admin.bind: cannot listen on {addr}: {source}")]
+    AdminBind { addr: SocketAddr, source: io::Error },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +167,11 @@ impl Proxy {
             Arc::clone(&config),
             None,
         )));
+        // Admin states saved by an earlier run apply before any check runs
+        // or client is accepted.
+        if let Some(path) = &config.global.state_file {
+            crate::admin::state::restore(path, &runtime.load());
+        }
 
         // Every server gets its first check before the first client is accepted,
         // so flowgate never starts with an empty pool (each check is bounded by
@@ -523,9 +531,10 @@ pub struct ReloadRequest {
 pub type ReloadHandle = mpsc::Sender<ReloadRequest>;
 
 /// Runs `config` until SIGTERM or SIGINT, reloading on SIGHUP, on changes to the
-/// config file or the files it names, and on requests through `reloads`, then
-/// stops gracefully. Returns the process exit code.
-pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>) -> i32 {
+/// config file or the files it names, and on `POST /api/v1/reload`, then stops
+/// gracefully. Serves the admin listener when the config has one. Returns the
+/// process exit code.
+pub async fn run(config: Config) -> i32 {
     use tokio::signal::unix::{SignalKind, signal};
 
     // Handlers first: a signal during start must not kill the process.
@@ -538,6 +547,21 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
         (Ok(t), Ok(i), Ok(h), Ok(u)) => (t, i, h, u),
         _ => {
             tracing::error!("cannot install signal handlers");
+            return 1;
+        }
+    };
+    // The admin socket is bound first: an address that cannot be bound fails
+    // the start before any frontend accepts.
+    let admin_socket = match config.admin.as_ref().map(|admin| {
+        AdminSocket::bind(admin.bind).map_err(|source| StartError::AdminBind {
+            addr: admin.bind,
+            source,
+        })
+    }) {
+        None => None,
+        Some(Ok(socket)) => Some(socket),
+        Some(Err(err)) => {
+            tracing::error!("{err}");
             return 1;
         }
     };
@@ -562,7 +586,15 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             return 1;
         }
     };
-    let mut requests = requests;
+    let (reload_sender, mut requests) = mpsc::channel(8);
+    let mut admin = Admin::new(&proxy, reload_sender);
+    if let Some(socket) = admin_socket
+        && let Err(err) = admin.serve(socket)
+    {
+        tracing::error!("admin.bind: {err}");
+        proxy.shutdown(Duration::ZERO).await;
+        return 1;
+    }
     let watchdog = systemd::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     systemd::ready();
@@ -583,7 +615,7 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
                 }
                 Trigger::FileChange
             }
-            Some(request) = next_request(&mut requests) => Trigger::Api(request.reply),
+            Some(request) = requests.recv() => Trigger::Api(request.reply),
             _ = watchdog_tick.tick(), if watchdog.is_some() => {
                 systemd::watchdog();
                 continue;
@@ -600,6 +632,7 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
         proxy.reload_stats().duration.observe(started.elapsed());
         let reply = match &result {
             Ok(generation) => {
+                admin.update(&proxy);
                 tracing::info!(
                     generation,
                     trigger = trigger.name(),
@@ -626,10 +659,16 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             let _ = sender.send(reply);
         }
     }
+    // Reloads asked for from now on are answered at once: flowgate is stopping.
+    drop(requests);
     tracing::info!("stop requested: closing listeners, finishing in-flight work");
     systemd::stopping();
     let grace = proxy.runtime().load().config.global.grace_period;
+    // The admin listener serves through the stop (readiness says 503), so the
+    // drain can be watched; it closes once the proxy's work is done.
+    admin.stopping();
     proxy.shutdown(grace).await;
+    admin.stop().await;
     0
 }
 
@@ -658,15 +697,6 @@ fn watched_files(config: &Config) -> Vec<PathBuf> {
 async fn changed(watcher: &mut Option<ConfigWatcher>) {
     match watcher {
         Some(watcher) => watcher.changed().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn next_request(
-    requests: &mut Option<mpsc::Receiver<ReloadRequest>>,
-) -> Option<ReloadRequest> {
-    match requests {
-        Some(receiver) => receiver.recv().await,
         None => std::future::pending().await,
     }
 }
