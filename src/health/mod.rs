@@ -150,7 +150,21 @@ impl CheckTask {
                 if let Some(done) = first_done.take() {
                     let _ = done.send(());
                 }
-                next = Instant::now() + check.interval;
+                // Leaving maintenance checks at once: a server that was worked
+                // on must prove itself before its old state counts again.
+                while self.state.admin_state() == crate::upstream::AdminState::Maint {
+                    let changed = self.state.changed().notified();
+                    tokio::pin!(changed);
+                    changed.as_mut().enable();
+                    if self.state.admin_state() != crate::upstream::AdminState::Maint {
+                        break;
+                    }
+                    tokio::select! {
+                        () = changed => {}
+                        () = self.stop.cancelled() => return,
+                    }
+                }
+                next = Instant::now();
                 continue;
             }
             let started = Instant::now();

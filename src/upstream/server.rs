@@ -316,6 +316,12 @@ impl ServerState {
         }
     }
 
+    /// Notified on every change of health, admin state, weight or ejection of
+    /// any server of the backend.
+    pub fn changed(&self) -> &Notify {
+        &self.changed
+    }
+
     fn bump_epoch(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.changed.notify_waiters();
