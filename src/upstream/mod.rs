@@ -3,15 +3,17 @@
 
 pub mod pool;
 mod queue;
+pub mod response_time;
 mod server;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Duration;
 
 pub use pool::{ConnectError, Connection, Pool, PoolSettings};
 pub use queue::{Queue, QueueError};
+pub use response_time::ResponseTime;
 pub use server::{
     AdminState, CheckStatus, FULL_WEIGHT, Health, InFlightGuard, Server, ServerState, ServerStatus,
 };
@@ -34,6 +36,8 @@ pub struct Backend {
     pub queue: Arc<Queue>,
     /// Counters that outlive reloads.
     pub stats: Arc<BackendStats>,
+    /// In-flight work on all servers of the backend; shared like `epoch`.
+    pub in_flight: Arc<AtomicU32>,
 }
 
 /// A backend's counters, kept across reloads.
@@ -71,6 +75,9 @@ impl Backend {
         let stats = previous
             .map(|backend| Arc::clone(&backend.stats))
             .unwrap_or_default();
+        let in_flight = previous
+            .map(|backend| Arc::clone(&backend.in_flight))
+            .unwrap_or_default();
         let kept: HashMap<&str, &Arc<Server>> = previous
             .map(|backend| {
                 backend
@@ -91,9 +98,12 @@ impl Backend {
             .iter()
             .map(|server| {
                 let old = kept.get(server.name.as_str());
-                let state = old
-                    .map(|old| Arc::clone(&old.state))
-                    .unwrap_or_else(|| Arc::new(ServerState::new(Arc::clone(&epoch), checked)));
+                let state = old.map(|old| Arc::clone(&old.state)).unwrap_or_else(|| {
+                    Arc::new(
+                        ServerState::new(Arc::clone(&epoch), checked)
+                            .sharing_backend_in_flight(Arc::clone(&in_flight)),
+                    )
+                });
                 let pool = old
                     .filter(|old| {
                         old.pool.addr() == server.addr && *old.pool.settings() == settings
@@ -113,6 +123,7 @@ impl Backend {
             epoch,
             queue,
             stats,
+            in_flight,
         }
     }
 
