@@ -7,86 +7,52 @@
 //! increment and an index.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use arc_swap::ArcSwap;
-
+use super::derived::Derived;
+use super::tier::available;
 use super::{PickContext, active_tier};
 use crate::upstream::Server;
 
 #[derive(Debug)]
 pub struct RoundRobin {
-    epoch: Arc<AtomicU64>,
-    schedule: ArcSwap<Schedule>,
+    /// One cycle of picks, as indices into the backend's servers.
+    schedule: Derived<Box<[u32]>>,
     next: AtomicUsize,
-    rebuilding: AtomicBool,
-}
-
-/// One cycle of picks, as indices into the backend's servers.
-#[derive(Debug)]
-struct Schedule {
-    epoch: u64,
-    order: Box<[u32]>,
 }
 
 impl RoundRobin {
-    pub fn new(epoch: Arc<AtomicU64>) -> RoundRobin {
+    pub fn new(servers: &[Arc<Server>], epoch: Arc<AtomicU64>) -> RoundRobin {
         RoundRobin {
-            epoch,
-            // Never matches a real epoch, so the first pick builds the schedule.
-            schedule: ArcSwap::from_pointee(Schedule {
-                epoch: u64::MAX,
-                order: Box::new([]),
-            }),
+            schedule: Derived::new(epoch, || schedule(servers)),
             next: AtomicUsize::new(0),
-            rebuilding: AtomicBool::new(false),
         }
     }
 
     pub fn pick(&self, servers: &[Arc<Server>], _ctx: &PickContext<'_>) -> Option<usize> {
-        let current = self.epoch.load(Ordering::Acquire);
-        let mut schedule = self.schedule.load();
-        if schedule.epoch != current {
-            self.rebuild(servers, current);
-            schedule = self.schedule.load();
-        }
-        let order = &schedule.order;
+        let order = self.schedule.load(|| schedule(servers));
         if order.is_empty() {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % order.len();
         // Normally the first candidate is taken. A server can have changed state
         // since the schedule was built, or be at its connection limit: then the
         // next ones in the cycle are tried.
-        (0..order.len())
-            .map(|offset| order[(start.wrapping_add(offset)) % order.len()] as usize)
-            .find(|&index| {
-                let server = &servers[index];
-                server.is_usable() && server.has_capacity()
-            })
+        let (done, rest) = order.split_at(start);
+        rest.iter()
+            .chain(done)
+            .map(|&index| index as usize)
+            .find(|&index| available(&servers[index]))
     }
+}
 
-    /// Rebuilds the schedule for `epoch`. One thread rebuilds; the others keep
-    /// using the previous schedule meanwhile, skipping servers that left it.
-    fn rebuild(&self, servers: &[Arc<Server>], epoch: u64) {
-        if self
-            .rebuilding
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return;
-        }
-        let tier = active_tier(servers);
-        let weights: Vec<(u32, u32)> = tier
-            .iter()
-            .map(|&index| (index as u32, servers[index].weight()))
-            .collect();
-        self.schedule.store(Arc::new(Schedule {
-            epoch,
-            order: smooth_cycle(&weights).into_boxed_slice(),
-        }));
-        self.rebuilding.store(false, Ordering::Release);
-    }
+/// The cycle for the active tier as it is now.
+fn schedule(servers: &[Arc<Server>]) -> Box<[u32]> {
+    let weights: Vec<(u32, u32)> = active_tier(servers)
+        .into_iter()
+        .map(|index| (index as u32, servers[index].weight()))
+        .collect();
+    smooth_cycle(&weights).into_boxed_slice()
 }
 
 /// One cycle of nginx's smooth weighted round robin over `(id, weight)` pairs:

@@ -93,7 +93,7 @@ impl Backend {
             idle_timeout: config.timeouts.idle,
         };
         let checked = config.health.check != config::CheckKind::None;
-        let servers = config
+        let servers: Vec<Arc<Server>> = config
             .servers
             .iter()
             .map(|server| {
@@ -117,7 +117,7 @@ impl Backend {
         epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Backend {
             name: Arc::from(config.name.as_str()),
-            balancer: Balancer::new(config, Arc::clone(&epoch)),
+            balancer: Balancer::new(config, &servers, Arc::clone(&epoch)),
             config: config.clone(),
             servers,
             epoch,
