@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
@@ -17,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use super::body::{Completion, RequestBody, ResponseBody};
 use super::conn::ConnActivity;
 use super::error::ProxyError;
+use super::hash_key::RequestKey;
 use super::headers::{ensure_request_id, is_upgrade_request, set_forwarded, strip_hop_by_hop};
 use crate::balance::PickContext;
 use crate::config::Protocol;
@@ -82,6 +84,8 @@ async fn forward(
 
     let (mut parts, body) = request.into_parts();
     let backend = Arc::clone(frontend.router.route(&parts));
+    // Taken before the head is rewritten for the server.
+    let key = RequestKey::of(&backend.config, &parts);
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -102,7 +106,8 @@ async fn forward(
         RequestBody::Streaming(body)
     };
     let request = Request::from_parts(parts, body);
-    let (mut response, guard, connection) = send(ctx, &backend, request).await?;
+    let key = key.as_ref().map(RequestKey::as_bytes);
+    let (mut response, guard, connection) = send(ctx, &backend, key, request).await?;
 
     if tunnel && response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let server_upgrade = hyper::upgrade::on(&mut response);
@@ -204,11 +209,12 @@ fn set_target(
 async fn send(
     ctx: &ConnContext,
     backend: &Backend,
+    key: Option<&[u8]>,
     mut request: Request<RequestBody>,
 ) -> Result<(Response<Incoming>, InFlightGuard, Connection), ProxyError> {
     let pick = PickContext {
         client: ctx.client.ip(),
-        key: None,
+        key,
     };
     let replayable =
         is_idempotent(request.method()) && matches!(request.body(), RequestBody::Empty);
@@ -240,12 +246,16 @@ async fn send(
         // A copy to send again if the server fails after receiving it.
         let spare = (replayable && retries_left > 0).then(|| copy_head(&request));
         let timeout = backend.config.timeouts.response;
+        let sent = Instant::now();
         match tokio::time::timeout(timeout, connection.send(request)).await {
             Err(_) => {
+                // At least this slow: p2c should know.
+                server.state.record_response_time(timeout);
                 backend.record_failure(&server, "response timeout");
                 return Err(ProxyError::ResponseTimeout(timeout));
             }
             Ok(Ok(response)) => {
+                server.state.record_response_time(sent.elapsed());
                 let status = response.status();
                 if matches!(status.as_u16(), 502..=504) {
                     backend.record_failure(&server, status.as_str());
