@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::PickContext;
 use super::derived::Derived;
-use super::tier::{Member, Tier, available};
+use super::tier::{Tier, available};
 use crate::upstream::Server;
 
 #[derive(Debug)]
@@ -36,7 +36,7 @@ impl LeastConn {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % tier.len();
-        let best = least_loaded(&tier.members, start)?;
+        let best = least_loaded(&tier, start)?;
         if available(&servers[best]) {
             Some(best)
         } else {
@@ -47,24 +47,38 @@ impl LeastConn {
 }
 
 /// The least loaded member for its weight that has room, scanning from `start`
-/// and wrapping around, so among equals the first from `start` wins.
+/// and wrapping around, so among equals the first from `start` wins. An idle
+/// server cannot be beaten: the scan stops at the first one.
 #[inline]
-fn least_loaded(members: &[Member], start: usize) -> Option<usize> {
-    let (wrapped, from_start) = members.split_at(start);
-    // (in_flight, weight) of the best so far; a/b < c/d as a*d < c*b.
-    let mut best: Option<(u64, u64, usize)> = None;
+fn least_loaded(tier: &Tier, start: usize) -> Option<usize> {
+    let (wrapped, from_start) = tier.members.split_at(start);
+    if tier.uniform {
+        // Equal weights and no limits (the usual pool): compare counts alone.
+        let (mut best_load, mut best) = (u32::MAX, None);
+        for member in from_start.iter().chain(wrapped) {
+            let in_flight = member.state.in_flight();
+            if in_flight < best_load {
+                if in_flight == 0 {
+                    return Some(member.index);
+                }
+                (best_load, best) = (in_flight, Some(member.index));
+            }
+        }
+        return best;
+    }
+    // a/b < c/d as a*d < c*b; the starting "best" loses to any real load.
+    let (mut best_load, mut best_weight, mut best) = (1u64 << 32, 1u64, None);
     for member in from_start.iter().chain(wrapped) {
         let in_flight = member.state.in_flight();
-        if !member.has_room(in_flight) {
-            continue;
+        if in_flight == 0 {
+            return Some(member.index);
         }
         let (load, weight) = (u64::from(in_flight), u64::from(member.weight));
-        match best {
-            Some((best_load, best_weight, _)) if load * best_weight >= best_load * weight => {}
-            _ => best = Some((load, weight, member.index)),
+        if load * best_weight < best_load * weight && member.has_room(in_flight) {
+            (best_load, best_weight, best) = (load, weight, Some(member.index));
         }
     }
-    best.map(|(_, _, index)| index)
+    best
 }
 
 #[cfg(test)]

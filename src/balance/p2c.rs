@@ -43,7 +43,7 @@ impl P2c {
     }
 
     pub fn pick(&self, servers: &[Arc<Server>], _ctx: &PickContext<'_>) -> Option<usize> {
-        self.choose(servers, &mut ThreadRandom, response_time::clock_ms())
+        self.choose(servers, &mut ThreadRandom, response_time::recent_ms())
             .map(|choice| choice.picked)
     }
 

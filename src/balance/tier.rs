@@ -31,6 +31,8 @@ impl Member {
 #[derive(Debug, Default)]
 pub(crate) struct Tier {
     pub members: Box<[Member]>,
+    /// All weights equal and no `max_connections`: loads compare as counts.
+    pub uniform: bool,
 }
 
 impl Tier {
@@ -46,8 +48,11 @@ impl Tier {
                     state: Arc::clone(&server.state),
                 }
             })
-            .collect();
-        Tier { members }
+            .collect::<Box<[Member]>>();
+        let uniform = members
+            .iter()
+            .all(|member| member.max_connections == 0 && member.weight == members[0].weight);
+        Tier { members, uniform }
     }
 
     pub fn len(&self) -> usize {

@@ -8,8 +8,8 @@
 //! (an `f32` of microseconds and a `u32` of milliseconds on a process clock), so
 //! writers update both with one compare-and-swap and readers never lock.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How fast old samples fade: after `DECAY_MS` without news, an estimate keeps
@@ -22,12 +22,39 @@ pub const UNMEASURED_US: f64 = 30_000.0;
 /// Packed "no sample yet": a negative estimate never comes from a sample.
 const UNMEASURED: u64 = (((-1.0f32).to_bits()) as u64) << 32;
 
-/// Milliseconds on a clock shared by the whole process. Wraps after 49 days;
-/// a stamp that old only means a decay is computed from the wrapped distance.
+/// The latest [`clock_ms`] any thread read, in full (it never wraps).
+static RECENT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Milliseconds on a clock shared by the whole process, as stamps hold them
+/// (wrapping after 49 days; see [`elapsed_ms`]).
 pub fn clock_ms() -> u32 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
-    origin.elapsed().as_millis() as u32
+    let now = u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+    // At most one write per millisecond and thread: no contention to speak of.
+    if RECENT_MS.load(Ordering::Relaxed) < now {
+        RECENT_MS.fetch_max(now, Ordering::Relaxed);
+    }
+    now as u32
+}
+
+/// The clock as of the latest response recorded anywhere in the process: one
+/// relaxed load, where reading the clock costs tens of nanoseconds. A pick
+/// decays estimates to this time; after a quiet spell the first pick sees
+/// estimates a little fresher than they are, and the next one is exact again.
+#[inline]
+pub fn recent_ms() -> u32 {
+    RECENT_MS.load(Ordering::Relaxed) as u32
+}
+
+/// Milliseconds from `stamp` to `now`; zero when `now` is behind (another
+/// thread's clock read was newer), or the stamp is more than 24 days old.
+#[inline]
+pub fn elapsed_ms(now: u32, stamp: u32) -> u32 {
+    match now.wrapping_sub(stamp) {
+        behind if behind > u32::MAX / 2 => 0,
+        elapsed => elapsed,
+    }
 }
 
 #[derive(Debug)]
@@ -61,7 +88,7 @@ impl ResponseTime {
             let next = match unpack(current) {
                 None => sample_us,
                 Some((estimate, stamp)) if sample_us < estimate => {
-                    let decay = decay(now_ms.wrapping_sub(stamp));
+                    let decay = decay(elapsed_ms(now_ms, stamp));
                     estimate * decay + sample_us * (1.0 - decay)
                 }
                 // Peak: a slower answer than expected is believed at once.
@@ -90,7 +117,7 @@ impl ResponseTime {
     pub fn estimate_at(&self, now_ms: u32) -> f64 {
         match unpack(self.packed.load(Ordering::Relaxed)) {
             None => UNMEASURED_US,
-            Some((estimate, stamp)) => match now_ms.wrapping_sub(stamp) {
+            Some((estimate, stamp)) => match elapsed_ms(now_ms, stamp) {
                 0 => estimate,
                 elapsed => estimate * decay(elapsed),
             },
@@ -98,9 +125,22 @@ impl ResponseTime {
     }
 }
 
+/// `exp(-elapsed / DECAY_MS)`: from two tables (256 ms steps times 1 ms steps)
+/// up to 65 s, which is most of the cost of weighing a server in a pick.
 #[inline]
 fn decay(elapsed_ms: u32) -> f64 {
-    (-f64::from(elapsed_ms) / DECAY_MS).exp()
+    static TABLES: LazyLock<([f64; 256], [f64; 256])> = LazyLock::new(|| {
+        let table = |step: f64| std::array::from_fn(|i| (-(i as f64) * step / DECAY_MS).exp());
+        (table(256.0), table(1.0))
+    });
+    match elapsed_ms {
+        0 => 1.0,
+        1..65_536 => {
+            let (coarse, fine) = &*TABLES;
+            coarse[(elapsed_ms >> 8) as usize] * fine[(elapsed_ms & 0xff) as usize]
+        }
+        _ => (-f64::from(elapsed_ms) / DECAY_MS).exp(),
+    }
 }
 
 fn pack(estimate_us: f64, stamp_ms: u32) -> u64 {
@@ -162,6 +202,21 @@ mod tests {
             8_000.0 * (-1.0f64).exp()
         ));
         assert!(rtt.estimate_at(100 + 10 * DECAY_MS as u32) < 1.0);
+    }
+
+    #[test]
+    fn decay_tables_match_exp() {
+        for elapsed in (0..200_000).step_by(37).chain([255, 256, 65_535, 65_536]) {
+            let exact = (-f64::from(elapsed) / DECAY_MS).exp();
+            assert!((decay(elapsed) - exact).abs() <= exact * 1e-12, "{elapsed}");
+        }
+    }
+
+    #[test]
+    fn a_stamp_ahead_of_now_is_not_decayed() {
+        let rtt = ResponseTime::new();
+        rtt.record_at(4_000.0, 1_000);
+        assert_eq!(rtt.estimate_at(999), rtt.estimate_at(1_000));
     }
 
     #[test]
