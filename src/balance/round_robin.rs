@@ -132,4 +132,35 @@ mod tests {
     fn equal_weights_rotate_in_file_order() {
         assert_eq!(smooth_cycle(&[(0, 1), (1, 1), (2, 1)]), vec![0, 1, 2]);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Through the balancer, with random weights (0 included): every run of
+        /// one cycle's length, wherever it starts, gives every server exactly
+        /// its weight divided by the weights' common divisor.
+        #[test]
+        fn exact_shares_over_every_cycle(weights in proptest::collection::vec(0u32..=12, 1..8)) {
+            use crate::balance::testing::{self, Spec};
+            let specs: Vec<Spec> = weights.iter().map(|&w| Spec::weight(w)).collect();
+            let backend = testing::backend("round_robin", &specs);
+            let balancer = RoundRobin::new(&backend.servers, Arc::clone(&backend.epoch));
+            let ctx = PickContext { client: [127, 0, 0, 1].into(), key: None };
+            let divisor = weights.iter().copied().filter(|&w| w > 0).fold(0, gcd);
+            if divisor == 0 {
+                proptest::prop_assert_eq!(balancer.pick(&backend.servers, &ctx), None);
+                return Ok(());
+            }
+            let cycle: u32 = weights.iter().map(|w| w / divisor).sum();
+            let picks: Vec<usize> = (0..cycle * 3)
+                .map(|_| balancer.pick(&backend.servers, &ctx).unwrap())
+                .collect();
+            for window in picks.windows(cycle as usize) {
+                for (index, &weight) in weights.iter().enumerate() {
+                    let count = window.iter().filter(|&&pick| pick == index).count() as u32;
+                    proptest::prop_assert_eq!(count, weight / divisor);
+                }
+            }
+        }
+    }
 }
