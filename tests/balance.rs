@@ -184,16 +184,10 @@ async fn least_conn_avoids_a_server_held_busy_by_long_requests() {
     // ...then b and c answer theirs; a still holds three.
     gates[1].add_permits(3);
     gates[2].add_permits(3);
-    let mut answered = 0;
-    for poll in &mut polls {
-        if let Ok(Ok((status, origin))) =
-            tokio::time::timeout(Duration::from_millis(500), &mut *poll).await
-        {
-            assert_eq!((status, origin.as_str() == "a"), (200, false));
-            answered += 1;
-        }
-    }
-    assert_eq!(answered, 6);
+    wait_until(Duration::from_secs(10), "b and c to answer", || {
+        polls.iter().filter(|poll| poll.is_finished()).count() == 6
+    })
+    .await;
 
     for _ in 0..30 {
         let origin = get(addr, "/").await.1;
@@ -202,11 +196,14 @@ async fn least_conn_avoids_a_server_held_busy_by_long_requests() {
     assert_eq!(origins[0].count(), 3);
 
     gates[0].add_permits(3);
+    let mut answers: Vec<String> = Vec::new();
     for poll in polls {
-        if !poll.is_finished() {
-            assert_eq!(poll.await.expect("task").0, 200);
-        }
+        let (status, origin) = poll.await.expect("task");
+        assert_eq!(status, 200);
+        answers.push(origin);
     }
+    answers.sort();
+    assert_eq!(answers, ["a", "a", "a", "b", "b", "b", "c", "c", "c"]);
     proxy.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -220,7 +217,7 @@ async fn first_uses_the_first_server_until_it_is_weight_0_or_down() {
     let refs: Vec<&Origin> = origins.iter().collect();
     let toml = pool_toml(
         "balance = \"first\"\n\n[backends.pool.health]\ncheck = \"tcp\"\n\
-         interval = \"50ms\"\ntimeout = \"200ms\"\nfall = 1\nrise = 1\n",
+         interval = \"100ms\"\ntimeout = \"1s\"\nfall = 1\nrise = 1\n",
         &refs,
     );
     let proxy = start_proxy(&toml).await;
@@ -258,7 +255,7 @@ async fn first_uses_the_first_server_until_it_is_weight_0_or_down() {
 #[tokio::test]
 async fn p2c_sends_less_to_a_slow_origin() {
     let slow = Origin::start(|_| async {
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         hyper::Response::new(common::full("slow"))
     })
     .await;
@@ -269,7 +266,8 @@ async fn p2c_sends_less_to_a_slow_origin() {
     for _ in 0..40 {
         assert_eq!(get(addr, "/").await.0, 200);
     }
-    // Once each has answered once, the slow one loses every comparison.
-    assert!(slow.count() <= 3, "slow origin got {} of 40", slow.count());
+    // Once each has answered, the slow one loses the comparisons (random
+    // would give it half; a hiccup on a busy machine may cost one or two).
+    assert!(slow.count() <= 8, "slow origin got {} of 40", slow.count());
     proxy.shutdown(Duration::from_secs(1)).await;
 }
