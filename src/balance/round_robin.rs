@@ -74,6 +74,10 @@ fn smooth_cycle(weights: &[(u32, u32)]) -> Vec<u32> {
         .map(|&(id, weight)| (id, i64::from(weight / divisor)))
         .collect();
     let total: i64 = weights.iter().map(|&(_, weight)| weight).sum();
+    if total == weights.len() as i64 {
+        // Equal weights give file order; large pools skip the n * total steps.
+        return weights.iter().map(|&(id, _)| id).collect();
+    }
     let mut current = vec![0i64; weights.len()];
     let mut order = Vec::with_capacity(total as usize);
     for _ in 0..total {
