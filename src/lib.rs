@@ -15,12 +15,15 @@
 //! (active checks feeding server state), [`supervisor`] (listener set,
 //! lifecycle), [`demo`] (built-in demo engines).
 
+pub mod access_log;
 pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod health;
 pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod runtime;
 pub mod supervisor;
+pub mod tls;
 pub mod upstream;

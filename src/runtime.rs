@@ -14,6 +14,7 @@ use ipnet::IpNet;
 
 use crate::config::{self, Config};
 use crate::http::route::Router;
+use crate::metrics::FrontendStats;
 use crate::upstream::Backend;
 
 /// The current snapshot, shared by every listener and connection.
@@ -36,6 +37,8 @@ pub struct Frontend {
     pub config: config::Frontend,
     pub router: Router,
     pub access: AccessList,
+    /// Counters kept across reloads.
+    pub stats: Arc<FrontendStats>,
 }
 
 impl Runtime {
@@ -61,11 +64,16 @@ impl Runtime {
                 // Validation guarantees every backend a frontend names exists.
                 let router =
                     Router::new(frontend, |name| by_name.get(name).map(|b| Arc::clone(b)))?;
+                let stats = previous
+                    .and_then(|runtime| runtime.frontend(&frontend.name))
+                    .map(|old| Arc::clone(&old.stats))
+                    .unwrap_or_default();
                 let built = Frontend {
                     name: Arc::from(frontend.name.as_str()),
                     config: frontend.clone(),
                     router,
                     access: AccessList::new(&frontend.allow, &frontend.deny),
+                    stats,
                 };
                 Some((frontend.name.clone(), Arc::new(built)))
             })
@@ -88,6 +96,14 @@ impl Runtime {
 
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
+    }
+
+    /// Frontends in file order.
+    pub fn frontends(&self) -> impl Iterator<Item = &Arc<Frontend>> {
+        self.config
+            .frontends
+            .iter()
+            .filter_map(|frontend| self.frontends.get(&frontend.name))
     }
 }
 

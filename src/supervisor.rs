@@ -21,12 +21,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::AccessLog;
 use crate::config::watch::{ConfigWatcher, fingerprint};
 use crate::config::{self, Config, ConfigErrors};
 use crate::health::{self, HealthChecks};
@@ -44,6 +45,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error("global.access_log: cannot open the access log: {0}")]
+    AccessLog(io::Error),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,8 @@ pub struct ReloadStats {
     pub last_success_unix: AtomicU64,
     /// The errors of the last failed reload, until a reload succeeds.
     pub last_errors: Mutex<Option<String>>,
+    /// Time to validate and apply a reload.
+    pub duration: crate::metrics::AtomicHistogram,
 }
 
 impl ReloadStats {
@@ -70,14 +75,22 @@ impl ReloadStats {
         if !first {
             self.successes.fetch_add(1, Ordering::Relaxed);
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         self.last_success_unix.store(now, Ordering::Relaxed);
-        *self.last_errors.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *self
+            .last_errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
     }
 
     fn failed(&self, errors: String) {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        *self.last_errors.lock().unwrap_or_else(PoisonError::into_inner) = Some(errors);
+        *self
+            .last_errors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(errors);
     }
 }
 
@@ -147,7 +160,10 @@ impl Proxy {
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
         let config = Arc::new(config);
         let sockets = bind_all(listener_keys(&config))?;
-        let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(Runtime::build(Arc::clone(&config), None)));
+        let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(Runtime::build(
+            Arc::clone(&config),
+            None,
+        )));
 
         // Every server gets its first check before the first client is accepted,
         // so flowgate never starts with an empty pool (each check is bounded by
@@ -155,11 +171,14 @@ impl Proxy {
         let mut checks = HealthChecks::new();
         health::first_checks_done(checks.sync(&runtime.load())).await;
 
+        let access_log = AccessLog::start(&config.global.access_log, config.global.log_format)
+            .map_err(StartError::AccessLog)?;
         let shared = Shared {
             runtime: Arc::clone(&runtime),
             connections: Arc::new(Semaphore::new(config.global.max_connections)),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            access_log: Arc::new(ArcSwapOption::new(access_log)),
         };
         let background = CancellationToken::new();
         tokio::spawn(sweep_pools(Arc::clone(&runtime), background.clone()));
@@ -225,7 +244,8 @@ impl Proxy {
                 return Err(ReloadError::Invalid(errors));
             }
             Err(join) => {
-                let errors = ConfigErrors::single(config::ConfigError::file("config", join.to_string()));
+                let errors =
+                    ConfigErrors::single(config::ConfigError::file("config", join.to_string()));
                 self.reloads.failed(errors.to_string());
                 return Err(ReloadError::Invalid(errors));
             }
@@ -238,15 +258,43 @@ impl Proxy {
     pub async fn reload(&mut self, config: Config) -> Result<u64, ReloadError> {
         let config = Arc::new(config);
         let keys = listener_keys(&config);
-        let current: HashMap<ListenerKey, usize> =
-            self.listeners.iter().enumerate().map(|(i, l)| (l.key(), i)).collect();
-        let added: Vec<_> = keys.iter().filter(|(key, _)| !current.contains_key(key)).cloned().collect();
+        let current: HashMap<ListenerKey, usize> = self
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.key(), i))
+            .collect();
+        let added: Vec<_> = keys
+            .iter()
+            .filter(|(key, _)| !current.contains_key(key))
+            .cloned()
+            .collect();
         let fresh = match bind_all(added) {
             Ok(fresh) => fresh,
             Err(err) => {
                 self.reloads.failed(err.to_string());
                 return Err(err.into());
             }
+        };
+
+        // A changed access log target is opened before anything changes.
+        let global = &config.global;
+        let current_log = self.shared.access_log.load_full();
+        let log_changed = match &current_log {
+            Some(log) => log.target != global.access_log || log.format != global.log_format,
+            None => global.access_log != config::AccessLog::Off,
+        };
+        let new_log = if log_changed {
+            match AccessLog::start(&global.access_log, global.log_format) {
+                Ok(log) => Some(log),
+                Err(err) => {
+                    let err = StartError::AccessLog(err);
+                    self.reloads.failed(err.to_string());
+                    return Err(err.into());
+                }
+            }
+        } else {
+            None
         };
 
         let previous = self.runtime.load_full();
@@ -256,15 +304,22 @@ impl Proxy {
         let generation = next.generation;
         self.runtime.store(Arc::new(next));
 
+        if let Some(log) = new_log {
+            self.shared.access_log.store(log);
+        }
         self.update_connection_limit(config.global.max_connections);
         self.update_frontend_limits(&config);
-        let wanted: HashMap<&ListenerKey, &config::Frontend> = keys.iter().map(|(k, f)| (k, *f)).collect();
+        let wanted: HashMap<&ListenerKey, &config::Frontend> =
+            keys.iter().map(|(k, f)| (k, *f)).collect();
         let grace = config.global.grace_period;
         let mut kept = Vec::new();
         for listener in std::mem::take(&mut self.listeners) {
             match wanted.get(&listener.key()) {
                 Some(frontend) => {
-                    listener.control.settings.store(Arc::new(self.settings_for(frontend)));
+                    listener
+                        .control
+                        .settings
+                        .store(Arc::new(self.settings_for(frontend)));
                     kept.push(listener);
                 }
                 None => retire(&listener, grace),
@@ -281,13 +336,21 @@ impl Proxy {
     }
 
     /// Starts accepting on a bound socket.
-    fn serve(&mut self, key: ListenerKey, frontend: &config::Frontend, socket: TcpListener) -> Result<(), StartError> {
+    fn serve(
+        &mut self,
+        key: ListenerKey,
+        frontend: &config::Frontend,
+        socket: TcpListener,
+    ) -> Result<(), StartError> {
         let addr = socket.local_addr().map_err(|source| StartError::Bind {
             frontend: frontend.name.clone(),
             addr: key.addr,
             source,
         })?;
-        let control = Arc::new(ListenerControl::new(self.settings_for(frontend), &self.shared.shutdown));
+        let control = Arc::new(ListenerControl::new(
+            self.settings_for(frontend),
+            &self.shared.shutdown,
+        ));
         tracing::info!(frontend = %frontend.name, %addr, "listening");
         self.accept_loops.spawn(
             Listener {
@@ -303,6 +366,17 @@ impl Proxy {
             control,
         });
         Ok(())
+    }
+
+    /// Reopens the access log file (SIGUSR1, after logrotate moved it).
+    pub fn reopen_access_log(&self) {
+        match self.shared.access_log.load_full() {
+            Some(log) => {
+                log.reopen();
+                tracing::info!("SIGUSR1: access log reopened");
+            }
+            None => tracing::info!("SIGUSR1: the access log is off, nothing to reopen"),
+        }
     }
 
     fn settings_for(&self, frontend: &config::Frontend) -> ListenerSettings {
@@ -356,7 +430,9 @@ impl Proxy {
         self.accept_loops.wait().await;
         self.shared.shutdown.cancel();
         self.shared.tracker.close();
-        let drained = tokio::time::timeout(grace, self.shared.tracker.wait()).await.is_ok();
+        let drained = tokio::time::timeout(grace, self.shared.tracker.wait())
+            .await
+            .is_ok();
         self.checks.stop_all();
         self.background.cancel();
         if drained {
@@ -370,9 +446,9 @@ impl Proxy {
 
 /// Binds the listed sockets; fails whole (closing what it bound) on the first
 /// address that cannot be bound.
-fn bind_all<'a>(
-    keys: Vec<(ListenerKey, &'a config::Frontend)>,
-) -> Result<Vec<(ListenerKey, &'a config::Frontend, TcpListener)>, StartError> {
+fn bind_all(
+    keys: Vec<(ListenerKey, &config::Frontend)>,
+) -> Result<Vec<(ListenerKey, &config::Frontend, TcpListener)>, StartError> {
     keys.into_iter()
         .map(|(key, frontend)| {
             let socket = listener::bind(key.addr)
@@ -453,21 +529,20 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
     use tokio::signal::unix::{SignalKind, signal};
 
     // Handlers first: a signal during start must not kill the process.
-    let (mut terminate, mut interrupt, mut hangup) =
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
-            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-            _ => {
-                tracing::error!("cannot install signal handlers");
-                return 1;
-            }
-        };
-    let mut proxy = match Proxy::start(config).await {
-        Ok(proxy) => proxy,
-        Err(err) => {
-            tracing::error!("{err}");
+    let (mut terminate, mut interrupt, mut hangup, mut user1) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
+    ) {
+        (Ok(t), Ok(i), Ok(h), Ok(u)) => (t, i, h, u),
+        _ => {
+            tracing::error!("cannot install signal handlers");
             return 1;
         }
     };
+    // Watch before starting: a save while the listeners bind and the first
+    // checks run is a change like any later one.
     let mut watcher = match ConfigWatcher::new() {
         Ok(watcher) => Some(watcher),
         Err(err) => {
@@ -475,11 +550,18 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             None
         }
     };
-    let mut watched = watched_files(&proxy.runtime().load().config);
+    let mut watched = watched_files(&config);
     let mut last_fingerprint = fingerprint(&watched);
     if let Some(watcher) = watcher.as_mut() {
         watcher.watch(&watched);
     }
+    let mut proxy = match Proxy::start(config).await {
+        Ok(proxy) => proxy,
+        Err(err) => {
+            tracing::error!("{err}");
+            return 1;
+        }
+    };
     let mut requests = requests;
     let watchdog = systemd::watchdog_interval();
     let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
@@ -490,6 +572,10 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => Trigger::Signal,
+            _ = user1.recv() => {
+                proxy.reopen_access_log();
+                continue;
+            }
             () = changed(&mut watcher) => {
                 let now = fingerprint(&watched);
                 if now == last_fingerprint {
@@ -504,15 +590,20 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
             }
         };
         let started = Instant::now();
+        // The files as they are before the reload reads them: a save that
+        // lands while it runs (and it may wait for first checks) then differs
+        // from this, and is reloaded in turn.
+        let before = fingerprint(&watched);
         systemd::reloading();
         let result = proxy.reload_file().await;
         systemd::ready();
+        proxy.reload_stats().duration.observe(started.elapsed());
         let reply = match &result {
             Ok(generation) => {
                 tracing::info!(
                     generation,
                     trigger = trigger.name(),
-                    took_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    took = ?started.elapsed(),
                     "reload applied"
                 );
                 Ok(*generation)
@@ -524,9 +615,10 @@ pub async fn run(config: Config, requests: Option<mpsc::Receiver<ReloadRequest>>
                 Err(err.to_string())
             }
         };
-        // Watch what the running config names, and remember what it read.
+        // Watch what the running config names. When that list changed, the
+        // next event in a watched directory reloads once more.
         watched = watched_files(&proxy.runtime().load().config);
-        last_fingerprint = fingerprint(&watched);
+        last_fingerprint = before;
         if let Some(watcher) = watcher.as_mut() {
             watcher.watch(&watched);
         }
@@ -570,7 +662,9 @@ async fn changed(watcher: &mut Option<ConfigWatcher>) {
     }
 }
 
-async fn next_request(requests: &mut Option<mpsc::Receiver<ReloadRequest>>) -> Option<ReloadRequest> {
+async fn next_request(
+    requests: &mut Option<mpsc::Receiver<ReloadRequest>>,
+) -> Option<ReloadRequest> {
     match requests {
         Some(receiver) => receiver.recv().await,
         None => std::future::pending().await,

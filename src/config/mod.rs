@@ -205,6 +205,8 @@ pub struct FrontendTls {
     pub alpn: Vec<String>,
     pub min_version: TlsVersion,
     pub client_ca: Option<PathBuf>,
+    /// The loaded server side: set in every checked config.
+    pub server: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -363,6 +365,8 @@ pub struct Passive {
 pub struct BackendTls {
     pub ca: Option<PathBuf>,
     pub server_name: Option<String>,
+    /// The loaded client side: set in every checked config.
+    pub client: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug, Clone)]

@@ -22,6 +22,7 @@ use super::{
     CheckKind, Config, Frontend, FrontendTimeouts, FrontendTls, Global, HashKey, HealthCheck,
     Limits, LogFormat, Mode, Passive, Protocol, Role, Route, Server, TlsVersion,
 };
+use crate::tls::{TlsError, TlsSource};
 
 const DEFAULT_ADMIN_BIND: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9100);
 
@@ -334,16 +335,24 @@ fn limits(mut r: TableReader<'_>) -> Limits {
 
 fn frontend_tls(mut r: TableReader<'_>, mode: Mode) -> FrontendTls {
     let mut certificates = Vec::new();
+    // Where each pair's cert and key are written, for problems reading them.
+    let mut pair_locs = Vec::new();
+    let certificates_loc = r.loc_of("certificates");
     if let Some(field) = r.require("certificates") {
         if field.array_len() == Some(0) {
             field.error("at least one certificate is required");
         }
         for mut pair in field.tables() {
-            let cert = pair.require("cert").and_then(|field| field.path());
-            let key = pair.require("key").and_then(|field| field.path());
+            let cert_field = pair.require("cert");
+            let key_field = pair.require("key");
+            let cert = cert_field.as_ref().and_then(|field| field.path());
+            let key = key_field.as_ref().and_then(|field| field.path());
             pair.finish();
-            if let (Some(cert), Some(key)) = (cert, key) {
+            if let (Some(cert), Some(key), Some(cert_field), Some(key_field)) =
+                (cert, key, cert_field, key_field)
+            {
                 certificates.push(CertificatePair { cert, key });
+                pair_locs.push((cert_field.loc(), key_field.loc()));
             }
         }
     }
@@ -366,14 +375,41 @@ fn frontend_tls(mut r: TableReader<'_>, mode: Mode) -> FrontendTls {
             Mode::Tcp => Vec::new(),
         },
     };
-    let tls = FrontendTls {
+    let mut tls = FrontendTls {
         certificates,
         alpn,
         min_version: r
             .choice("min_version", TLS_VERSIONS)
             .unwrap_or(TlsVersion::Tls12),
         client_ca: r.path("client_ca"),
+        server: None,
     };
+    // Certificates and keys are read and matched now, so `check` and a reload
+    // report a broken one, and a reload with one keeps the running config.
+    if !tls.certificates.is_empty() {
+        match crate::tls::server_config(&tls) {
+            Ok(server) => tls.server = Some(server),
+            Err(err) => {
+                let loc = match err.source {
+                    TlsSource::Cert(index) => pair_locs.get(index).map(|locs| locs.0.clone()),
+                    TlsSource::Key(index) => pair_locs.get(index).map(|locs| locs.1.clone()),
+                    TlsSource::Certificates => Some(certificates_loc),
+                    other => Some(
+                        r.loc_of(
+                            &TlsError {
+                                source: other,
+                                message: String::new(),
+                            }
+                            .key(),
+                        ),
+                    ),
+                };
+                if let Some(loc) = loc {
+                    r.context().report(&loc, err.message);
+                }
+            }
+        }
+    }
     r.finish();
     tls
 }
@@ -501,7 +537,7 @@ fn backend(named: Named, mut r: TableReader<'_>) -> (Backend, BackendLocations) 
         .unwrap_or_default();
     let health = r.table("health").map(health).unwrap_or_default();
     let passive = r.table("passive").map(passive);
-    let tls = r.table("tls").map(backend_tls);
+    let tls = r.table("tls").map(|table| backend_tls(table, protocol));
 
     let servers_field = r.require("servers");
     let mut servers = Vec::new();
@@ -654,13 +690,19 @@ fn passive(mut r: TableReader<'_>) -> Passive {
     passive
 }
 
-fn backend_tls(mut r: TableReader<'_>) -> BackendTls {
-    let tls = BackendTls {
+fn backend_tls(mut r: TableReader<'_>, protocol: Protocol) -> BackendTls {
+    let mut tls = BackendTls {
         ca: r.path("ca"),
         server_name: r
             .get("server_name")
             .and_then(|field| field.non_empty().map(str::to_string)),
+        client: None,
     };
+    // The CA file is read now, so a bad one is a config problem like any other.
+    match crate::tls::client_config(&tls, protocol) {
+        Ok(client) => tls.client = Some(client),
+        Err(err) => r.context().report(&r.loc_of(&err.key()), err.message),
+    }
     r.finish();
     tls
 }

@@ -29,6 +29,39 @@ fn addr(text: &str) -> SocketAddr {
         .unwrap_or_else(|_| panic!("test address {text:?}"))
 }
 
+/// Writes a self-signed certificate and its key (PEM), creating directories, so
+/// a config naming them loads.
+fn write_pair(cert: &Path, key: &Path) {
+    let generated = rcgen::generate_simple_self_signed(vec!["engine.example.com".to_string()])
+        .expect("test certificate");
+    write_file(cert, &generated.cert.pem());
+    write_file(key, &generated.signing_key.serialize_pem());
+}
+
+fn write_file(path: &Path, text: &str) {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).expect("test directory");
+    }
+    std::fs::write(path, text).expect("test file");
+}
+
+/// A config directory `<tmp>/etc/flowgate` with the certificate files the
+/// contract's example names.
+fn contract_pki() -> (tempfile::TempDir, PathBuf) {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("etc/flowgate");
+    write_pair(&dir.join("certs/engine.pem"), &dir.join("certs/engine.key"));
+    write_pair(
+        &dir.join("certs/clients.pem"),
+        &dir.join("certs/clients.key"),
+    );
+    write_pair(
+        &dir.join("certs/internal-ca.pem"),
+        &dir.join("certs/internal-ca.key"),
+    );
+    (root, dir)
+}
+
 /// A small valid file; tests append to it (its last line is 8).
 const MINIMAL: &str = r#"[frontends.public]
 bind = ["127.0.0.1:8080"]
@@ -330,14 +363,22 @@ fn unknown_enum_value() {
 
 #[test]
 fn wrong_type_for_a_choice_says_what_is_expected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_pair(&dir.path().join("a.pem"), &dir.path().join("a.key"));
     let text = format!(
         "{MINIMAL}\n[frontends.public.tls]\ncertificates = [{{ cert = \"a.pem\", key = \"a.key\" }}]\nmin_version = 1.2\n"
     );
+    let path = dir.path().join("flowgate.toml");
+    let errors: Vec<String> = match parse(&text, &path) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    };
     assert_eq!(
-        errors(&text),
-        [
-            r#"flowgate.toml:12:15: frontends.public.tls.min_version: expected "1.2" or "1.3", found float 1.2"#
-        ]
+        errors,
+        [format!(
+            r#"{}:12:15: frontends.public.tls.min_version: expected "1.2" or "1.3", found float 1.2"#,
+            path.display()
+        )]
     );
 }
 
@@ -633,7 +674,12 @@ fn section_defaults() {
         "[admin]\n[[admin.tokens]]\nsha256 = \"{}\"\n{MINIMAL}\n[frontends.public.tls]\ncertificates = [{{ cert = \"a.pem\", key = \"a.key\" }}]\n\n[frontends.raw]\nmode = \"tcp\"\nbind = \"127.0.0.1:5432\"\nbackend = \"engines\"\n[frontends.raw.tls]\ncertificates = [{{ cert = \"a.pem\", key = \"a.key\" }}]\n\n[backends.engines.health]\ninterval = \"10s\"\n\n[backends.engines.passive]\n",
         "AB".repeat(32)
     );
-    let config = parsed(&text, "flowgate.toml");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_pair(&dir.path().join("a.pem"), &dir.path().join("a.key"));
+    let config = parsed(
+        &text,
+        &dir.path().join("flowgate.toml").display().to_string(),
+    );
     let admin = config
         .admin
         .as_ref()
@@ -675,14 +721,24 @@ fn section_defaults() {
 
 #[test]
 fn relative_paths_follow_the_config_file() {
-    let text = format!(
-        "[global]\naccess_log = \"logs/access.log\"\nstate_file = \"/var/lib/flowgate/state.json\"\n{MINIMAL}\n[frontends.public.tls]\ncertificates = [{{ cert = \"certs/a.pem\", key = \"/keys/a.key\" }}]\nclient_ca = \"ca.pem\"\n\n[backends.engines.tls]\nca = \"../ca/internal.pem\"\n"
+    let root = tempfile::tempdir().expect("tempdir");
+    let root = root.path();
+    let etc = root.join("etc/flowgate");
+    write_pair(&etc.join("certs/a.pem"), &root.join("keys/a.key"));
+    write_pair(&etc.join("ca.pem"), &etc.join("ca.key"));
+    write_pair(
+        &root.join("etc/ca/internal.pem"),
+        &root.join("etc/ca/internal.key"),
     );
-    let config = parsed(&text, "/etc/flowgate/flowgate.toml");
-    assert_eq!(config.path, PathBuf::from("/etc/flowgate/flowgate.toml"));
+    let keys = root.join("keys/a.key").display().to_string();
+    let text = format!(
+        "[global]\naccess_log = \"logs/access.log\"\nstate_file = \"/var/lib/flowgate/state.json\"\n{MINIMAL}\n[frontends.public.tls]\ncertificates = [{{ cert = \"certs/a.pem\", key = \"{keys}\" }}]\nclient_ca = \"ca.pem\"\n\n[backends.engines.tls]\nca = \"../ca/internal.pem\"\n"
+    );
+    let config = parsed(&text, &etc.join("flowgate.toml").display().to_string());
+    assert_eq!(config.path, etc.join("flowgate.toml"));
     assert_eq!(
         config.global.access_log,
-        AccessLog::File(PathBuf::from("/etc/flowgate/logs/access.log"))
+        AccessLog::File(etc.join("logs/access.log"))
     );
     assert_eq!(
         config.global.state_file,
@@ -691,14 +747,15 @@ fn relative_paths_follow_the_config_file() {
     assert_eq!(
         config.referenced_files(),
         [
-            PathBuf::from("/etc/flowgate/certs/a.pem"),
-            PathBuf::from("/keys/a.key"),
-            PathBuf::from("/etc/flowgate/ca.pem"),
-            PathBuf::from("/etc/flowgate/../ca/internal.pem"),
+            etc.join("certs/a.pem"),
+            root.join("keys/a.key"),
+            etc.join("ca.pem"),
+            etc.join("../ca/internal.pem"),
         ]
     );
     // A bare file name is relative to the current directory, where it was found.
-    let config = parsed(&text, "flowgate.toml");
+    let bare = format!("[global]\naccess_log = \"logs/access.log\"\n{MINIMAL}");
+    let config = parsed(&bare, "flowgate.toml");
     assert_eq!(
         config.global.access_log,
         AccessLog::File(PathBuf::from("logs/access.log"))
@@ -707,7 +764,11 @@ fn relative_paths_follow_the_config_file() {
 
 #[test]
 fn the_contract_example() {
-    let config = parsed(CONTRACT_EXAMPLE, "/etc/flowgate/flowgate.toml");
+    let (_root, etc) = contract_pki();
+    let config = parsed(
+        CONTRACT_EXAMPLE,
+        &etc.join("flowgate.toml").display().to_string(),
+    );
 
     let global = &config.global;
     assert_eq!(global.threads, 0);
@@ -747,16 +808,13 @@ fn the_contract_example() {
     assert_eq!(
         tls.certificates,
         [CertificatePair {
-            cert: PathBuf::from("/etc/flowgate/certs/engine.pem"),
-            key: PathBuf::from("/etc/flowgate/certs/engine.key"),
+            cert: etc.join("certs/engine.pem"),
+            key: etc.join("certs/engine.key"),
         }]
     );
     assert_eq!(tls.alpn, ["h2", "http/1.1"]);
     assert_eq!(tls.min_version, TlsVersion::Tls12);
-    assert_eq!(
-        tls.client_ca,
-        Some(PathBuf::from("/etc/flowgate/certs/clients.pem"))
-    );
+    assert_eq!(tls.client_ca, Some(etc.join("certs/clients.pem")));
     assert_eq!(frontend.routes.len(), 1);
     let route = &frontend.routes[0];
     assert_eq!(route.host.as_deref(), Some("engine.example.com"));
@@ -809,7 +867,7 @@ fn the_contract_example() {
     assert_eq!(
         backend_tls,
         Some((
-            Some(PathBuf::from("/etc/flowgate/certs/internal-ca.pem")),
+            Some(etc.join("certs/internal-ca.pem")),
             Some("engine.internal".to_string())
         ))
     );
@@ -841,6 +899,7 @@ fn shipped_configs_parse() {
         "config/flowgate.toml",
         "config/examples/rest-engines.toml",
         "config/examples/grpc-engines.toml",
+        "config/examples/leader-follower.toml",
     ] {
         if let Err(errors) = load(&root.join(file)) {
             panic!("{file} should be valid, got:\n{errors}");

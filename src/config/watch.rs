@@ -29,7 +29,9 @@ pub struct ConfigWatcher {
 
 impl std::fmt::Debug for ConfigWatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConfigWatcher").field("dirs", &self.dirs).finish()
+        f.debug_struct("ConfigWatcher")
+            .field("dirs", &self.dirs)
+            .finish()
     }
 }
 
@@ -65,7 +67,9 @@ impl ConfigWatcher {
                 Ok(()) => {
                     watching.insert(dir);
                 }
-                Err(err) => tracing::warn!(dir = %dir.display(), error = %err, "cannot watch directory for changes"),
+                Err(err) => {
+                    tracing::warn!(dir = %dir.display(), error = %err, "cannot watch directory for changes")
+                }
             }
         }
         self.dirs = watching;

@@ -65,6 +65,7 @@ impl HealthChecks {
                     addr: server.addr,
                     protocol: backend.config.protocol,
                     check: backend.config.health.clone(),
+                    tls: server.pool.settings().tls.clone(),
                 };
                 wanted.insert(key, (target, Arc::clone(&server.state), server.slow_start));
             }
@@ -152,10 +153,12 @@ impl CheckTask {
                 next = Instant::now() + check.interval;
                 continue;
             }
+            let started = Instant::now();
             let result = tokio::select! {
                 result = probe(&self.target) => result,
                 () = self.stop.cancelled() => break,
             };
+            self.state.check_seconds().observe(started.elapsed());
             let first = first_done.is_some();
             let (ok, detail) = match result {
                 Ok(detail) => (true, detail),

@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::config::{CheckKind, HealthCheck, Protocol};
+use crate::upstream::{ServerStream, UpstreamTls};
 
 /// What one check found: `Ok` with a detail such as "HTTP 200", or `Err` with
 /// why it failed ("connection refused", "HTTP 503", "timed out after 1s").
@@ -24,6 +25,8 @@ pub struct ProbeTarget {
     pub addr: SocketAddr,
     pub protocol: Protocol,
     pub check: HealthCheck,
+    /// Checks speak TLS to servers that do.
+    pub tls: Option<UpstreamTls>,
 }
 
 pub async fn probe(target: &ProbeTarget) -> ProbeResult {
@@ -42,11 +45,20 @@ async fn run(target: &ProbeTarget) -> ProbeResult {
     let stream = TcpStream::connect(target.addr)
         .await
         .map_err(|err| describe(&err))?;
+    let _ = stream.set_nodelay(true);
+    let stream = match &target.tls {
+        None => ServerStream::Plain(stream),
+        Some(tls) => ServerStream::Tls(Box::new(
+            tls.connect(stream)
+                .await
+                .map_err(|err| format!("TLS handshake failed: {err}"))?,
+        )),
+    };
     let check = &target.check;
     match check.check {
+        CheckKind::None | CheckKind::Tcp if target.tls.is_some() => Ok("TLS handshake".to_string()),
         CheckKind::None | CheckKind::Tcp => Ok("TCP connect".to_string()),
         CheckKind::Http => {
-            let _ = stream.set_nodelay(true);
             let host = check
                 .host
                 .clone()

@@ -7,13 +7,16 @@
 //! connection's request count.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::conn::ActiveRequest;
+use crate::access_log::{AccessLog, Entry, HttpEntry};
 use crate::upstream::{Connection, InFlightGuard};
 
 /// A request body on its way to a server.
@@ -73,6 +76,23 @@ impl Completion {
 pub struct ResponseBody {
     kind: Kind,
     request: Option<ActiveRequest>,
+    log: Option<PendingLog>,
+}
+
+/// An access log entry, written once the response body has ended (or was
+/// abandoned).
+#[derive(Debug)]
+pub struct PendingLog {
+    pub log: Arc<AccessLog>,
+    pub entry: Box<HttpEntry>,
+    pub started: Instant,
+}
+
+impl PendingLog {
+    fn write(mut self) {
+        self.entry.total = self.started.elapsed();
+        self.log.log(Entry::Http(self.entry));
+    }
 }
 
 #[derive(Debug)]
@@ -92,6 +112,7 @@ impl ResponseBody {
                 completion: Some(completion),
             },
             request: None,
+            log: None,
         }
     }
 
@@ -101,6 +122,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Local((!text.is_empty()).then_some(text)),
             request: None,
+            log: None,
         }
     }
 
@@ -114,6 +136,12 @@ impl ResponseBody {
         self
     }
 
+    /// Writes an access log entry for this response when it ends.
+    pub(crate) fn log(mut self, pending: PendingLog) -> ResponseBody {
+        self.log = Some(pending);
+        self
+    }
+
     fn complete(&mut self) {
         if let Kind::Upstream { completion, .. } = &mut self.kind
             && let Some(completion) = completion.take()
@@ -121,6 +149,9 @@ impl ResponseBody {
             completion.finish();
         }
         self.request = None;
+        if let Some(pending) = self.log.take() {
+            pending.write();
+        }
     }
 }
 
@@ -137,6 +168,11 @@ impl Body for ResponseBody {
             Kind::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
             Kind::Local(text) => Poll::Ready(text.take().map(|text| Ok(Frame::data(text)))),
         };
+        if let (Some(pending), Poll::Ready(Some(Ok(frame)))) = (&mut this.log, &polled)
+            && let Some(data) = frame.data_ref()
+        {
+            pending.entry.bytes += data.len() as u64;
+        }
         match &polled {
             Poll::Ready(None) => this.complete(),
             // A broken server body: the server connection is not reusable; the
@@ -174,6 +210,10 @@ impl Drop for ResponseBody {
         // such a response is complete all the same.
         if self.is_end_stream() {
             self.complete();
+        }
+        // An abandoned response is logged too, with what was sent.
+        if let Some(pending) = self.log.take() {
+            pending.write();
         }
     }
 }

@@ -17,6 +17,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::metrics::FrontendStats;
+
 const PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
@@ -25,6 +27,37 @@ content-length: 22\r\n\
 connection: close\r\n\
 \r\n\
 request head too slow\n";
+
+/// flowgate's answers in place of hyper's bodiless ones for heads it rejects
+/// before any request starts (status code, full response).
+const HEAD_ERRORS: [(&[u8; 3], &[u8]); 3] = [
+    (
+        b"400",
+        b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+content-length: 12\r\nconnection: close\r\n\r\nbad request\n",
+    ),
+    (
+        b"414",
+        b"HTTP/1.1 414 URI Too Long\r\ncontent-type: text/plain; charset=utf-8\r\n\
+content-length: 24\r\nconnection: close\r\n\r\nrequest target too long\n",
+    ),
+    (
+        b"431",
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n\
+content-length: 23\r\nconnection: close\r\n\r\nrequest head too large\n",
+    ),
+];
+
+/// The answer to write instead of `written`, when `written` is hyper's own
+/// answer to a head it could not accept (`HTTP/1.1 4xx`, no body).
+fn head_error_answer(written: &[u8]) -> Option<&'static [u8]> {
+    let status = written.strip_prefix(b"HTTP/1.1 ")?.get(..3)?;
+    let answer = HEAD_ERRORS.iter().find(|(code, _)| status == *code)?.1;
+    let empty_body = written
+        .windows(19)
+        .any(|w| w.eq_ignore_ascii_case(b"content-length: 0\r\n"));
+    empty_body.then_some(answer)
+}
 
 /// Shared between a connection's I/O and its requests.
 #[derive(Debug, Default)]
@@ -91,6 +124,24 @@ pub struct ClientIo<S> {
     timer: Pin<Box<Sleep>>,
     /// Progress writing the 408 answer, once the head timer fired.
     closing: Option<usize>,
+    /// flowgate's answer to a rejected head, replacing hyper's, and how much of
+    /// it is written.
+    replacing: Option<(&'static [u8], usize)>,
+    /// Bytes moved, added to the frontend's counters when the connection ends.
+    bytes_in: u64,
+    bytes_out: u64,
+    stats: Arc<FrontendStats>,
+}
+
+impl<S> Drop for ClientIo<S> {
+    fn drop(&mut self) {
+        self.stats
+            .bytes_in
+            .fetch_add(self.bytes_in, Ordering::Relaxed);
+        self.stats
+            .bytes_out
+            .fetch_add(self.bytes_out, Ordering::Relaxed);
+    }
 }
 
 impl<S> ClientIo<S> {
@@ -100,6 +151,7 @@ impl<S> ClientIo<S> {
         activity: Arc<ConnActivity>,
         timeouts: ClientTimeouts,
         http2: bool,
+        stats: Arc<FrontendStats>,
     ) -> Self {
         let now = Instant::now();
         // A new connection waits for its first head like any other.
@@ -118,10 +170,15 @@ impl<S> ClientIo<S> {
             last_active: now,
             timer: Box::pin(tokio::time::sleep_until(now + timeouts.request_header)),
             closing: None,
+            replacing: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            stats,
         }
     }
 
-    fn note_read(&mut self, bytes: &[u8]) {
+    fn note_read(&mut self, bytes: &[u8], count: usize) {
+        self.bytes_in += count as u64;
         let now = Instant::now();
         self.last_active = now;
         if self.protocol == Protocol::Unknown {
@@ -201,7 +258,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
                     let mut head = [0u8; 14];
                     let n = filled.len().min(head.len());
                     head[..n].copy_from_slice(&filled[..n]);
-                    this.note_read(&head[..n]);
+                    this.note_read(&head[..n], filled.len());
                 }
                 Poll::Ready(Ok(()))
             }
@@ -232,6 +289,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
     }
 }
 
+impl<S: AsyncRead + AsyncWrite + Unpin> ClientIo<S> {
+    /// Whether `written` is hyper answering a head it rejected; if so, flowgate's
+    /// answer replaces it. Only possible while a head is pending and no request
+    /// started, which is exactly when hyper answers on its own.
+    fn intercept(&mut self, written: &[u8]) -> bool {
+        if self.replacing.is_some() {
+            // The rest of hyper's answer, if it came in pieces.
+            return true;
+        }
+        if self.protocol == Protocol::Http2 || !self.activity.head_pending.load(Ordering::Acquire) {
+            return false;
+        }
+        match head_error_answer(written) {
+            Some(answer) => {
+                self.replacing = Some((answer, 0));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn poll_write_replacement(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((answer, written)) = self.replacing
+            && written < answer.len()
+        {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.replacing = Some((answer, written + n));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -239,7 +331,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.intercept(buf) {
+            return Poll::Ready(Ok(buf.len()));
+        }
         let written = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.bytes_out += written as u64;
         this.last_active = Instant::now();
         Poll::Ready(Ok(written))
     }
@@ -250,7 +346,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(first) = bufs.iter().find(|buf| !buf.is_empty())
+            && this.intercept(first)
+        {
+            return Poll::Ready(Ok(bufs.iter().map(|buf| buf.len()).sum()));
+        }
         let written = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        this.bytes_out += written as u64;
         this.last_active = Instant::now();
         Poll::Ready(Ok(written))
     }
@@ -260,10 +362,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_write_replacement(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        ready!(this.poll_write_replacement(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hyper_head_errors_get_flowgate_answers() {
+        let hyper_431 =
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let answer = head_error_answer(hyper_431).expect("replaced");
+        assert!(answer.ends_with(b"\r\n\r\nrequest head too large\n"));
+        for (_, answer) in HEAD_ERRORS {
+            let text = std::str::from_utf8(answer).expect("utf8");
+            let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+            assert!(
+                head.contains(&format!("content-length: {}", body.len())),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ordinary_responses_are_left_alone() {
+        assert!(
+            head_error_answer(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 20\r\n\r\n").is_none()
+        );
+        assert!(
+            head_error_answer(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").is_none()
+        );
+        assert!(head_error_answer(b"0\r\n\r\n").is_none());
     }
 }

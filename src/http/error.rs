@@ -16,6 +16,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("{0}")]
     Unavailable(#[from] Unavailable),
+    #[error("request head of {0} bytes is over limits.max_header_bytes")]
+    HeadTooLarge(usize),
     #[error("{0}")]
     Connect(#[from] ConnectError),
     #[error("no response head within {0:?}")]
@@ -30,9 +32,47 @@ impl ProxyError {
             ProxyError::Refused => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
+    }
+
+    /// The gRPC status code a gRPC client gets for this error.
+    fn grpc_status(&self) -> &'static str {
+        match self {
+            // PERMISSION_DENIED
+            ProxyError::Refused => "7",
+            // INTERNAL
+            ProxyError::BadRequest(_) => "13",
+            // RESOURCE_EXHAUSTED
+            ProxyError::HeadTooLarge(_) => "8",
+            // UNAVAILABLE: the call never ran, or the server is gone.
+            ProxyError::Unavailable(_) | ProxyError::Connect(_) | ProxyError::Upstream(_) => "14",
+            // DEADLINE_EXCEEDED
+            ProxyError::ResponseTimeout(_) => "4",
+        }
+    }
+
+    /// The answer for a gRPC call: a trailers-only response (HTTP 200 with
+    /// `grpc-status` and `grpc-message`), which every gRPC client library reads
+    /// as the call's status.
+    pub fn into_grpc_response(self) -> Response<ResponseBody> {
+        let mut response = Response::new(ResponseBody::empty());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(
+            "grpc-status",
+            header::HeaderValue::from_static(self.grpc_status()),
+        );
+        headers.insert(
+            "grpc-message",
+            header::HeaderValue::from_static(self.client_message().trim_end()),
+        );
+        response
     }
 
     /// The short plain-text answer flowgate sends for this error.
@@ -49,6 +89,7 @@ impl ProxyError {
             ProxyError::Unavailable(Unavailable::QueueTimeout) => {
                 "timed out waiting for a server\n"
             }
+            ProxyError::HeadTooLarge(_) => "request head too large\n",
             ProxyError::Connect(_) | ProxyError::Upstream(_) => "bad gateway\n",
             ProxyError::ResponseTimeout(_) => "gateway timeout\n",
         }

@@ -17,18 +17,20 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// names. With `tunnel`, `Connection: upgrade` and `Upgrade` stay, since they
 /// are what asks the next hop for the tunnel.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
-    if let Some(connection) = headers.get(header::CONNECTION) {
-        // Only pay for collecting names when Connection names extra headers.
-        let named: Vec<HeaderName> = connection_tokens(connection)
-            .filter(|token| {
-                !token.eq_ignore_ascii_case("close") && !token.eq_ignore_ascii_case("keep-alive")
-            })
-            .filter(|token| !(tunnel && token.eq_ignore_ascii_case("upgrade")))
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+    // Connection may come on several lines; every line names headers. (An empty
+    // Vec does not allocate, so the common case costs nothing.)
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(connection_tokens)
+        .filter(|token| {
+            !token.eq_ignore_ascii_case("close") && !token.eq_ignore_ascii_case("keep-alive")
+        })
+        .filter(|token| !(tunnel && token.eq_ignore_ascii_case("upgrade")))
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
     if !tunnel {
         headers.remove(header::CONNECTION);
@@ -38,11 +40,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
     headers.remove(&PROXY_CONNECTION);
     headers.remove(header::TRANSFER_ENCODING);
     // TE is hop-by-hop, but "TE: trailers" is how gRPC says it understands
-    // trailers, and HTTP/2 allows exactly that value through.
-    if let Some(te) = headers.get(header::TE)
-        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
-    {
+    // trailers, and HTTP/2 allows exactly that value through. Transfer codings
+    // are for this hop only, on whichever line they come.
+    let mut te = headers.get_all(header::TE).iter();
+    let only_trailers = matches!(
+        (te.next(), te.next()),
+        (Some(value), None) if value.as_bytes().eq_ignore_ascii_case(b"trailers")
+    );
+    if !only_trailers && headers.contains_key(header::TE) {
+        let trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .flat_map(connection_tokens)
+            .any(|token| token.eq_ignore_ascii_case("trailers"));
         headers.remove(header::TE);
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 
@@ -73,15 +87,18 @@ pub fn set_forwarded(
 ) {
     let client =
         HeaderValue::from_str(&client.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
-        Some(existing) => {
-            let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
-            joined.extend_from_slice(existing.as_bytes());
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(client.as_bytes());
-            HeaderValue::from_bytes(&joined).unwrap_or(client)
-        }
-        None => client,
+    // Several X-Forwarded-For lines are one list (RFC 9110 5.3): join them all,
+    // in order, before appending the client.
+    let mut joined = Vec::new();
+    for existing in headers.get_all(&X_FORWARDED_FOR) {
+        joined.extend_from_slice(existing.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    let forwarded_for = if joined.is_empty() {
+        client
+    } else {
+        joined.extend_from_slice(client.as_bytes());
+        HeaderValue::from_bytes(&joined).unwrap_or(client)
     };
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     headers.insert(
@@ -201,6 +218,46 @@ mod tests {
         assert_eq!(map["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
         assert_eq!(map["x-forwarded-proto"], "http");
         assert_eq!(map["x-forwarded-host"], "engine.example.com");
+    }
+
+    #[test]
+    fn every_connection_line_and_te_line_counts() {
+        let mut map = headers(&[
+            ("connection", "close"),
+            ("connection", "X-Secret"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("te", "gzip"),
+        ]);
+        strip_hop_by_hop(&mut map, false);
+        assert!(!map.contains_key("x-secret"));
+        let te: Vec<&[u8]> = map.get_all("te").iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(te, vec![&b"trailers"[..]]);
+
+        let mut map = headers(&[("te", "gzip;q=0.5, trailers")]);
+        strip_hop_by_hop(&mut map, false);
+        assert_eq!(map["te"], "trailers");
+        let mut map = headers(&[("te", "gzip")]);
+        strip_hop_by_hop(&mut map, false);
+        assert!(!map.contains_key("te"));
+    }
+
+    #[test]
+    fn appends_to_every_forwarded_for_line() {
+        let mut map = headers(&[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-for", "198.51.100.2, 192.0.2.1"),
+        ]);
+        set_forwarded(&mut map, "127.0.0.1".parse().expect("ip"), false, None);
+        let values: Vec<&[u8]> = map
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        assert_eq!(
+            values,
+            vec![&b"203.0.113.7, 198.51.100.2, 192.0.2.1, 127.0.0.1"[..]]
+        );
     }
 
     #[test]

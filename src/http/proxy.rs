@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
@@ -15,14 +15,16 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
-use super::body::{Completion, RequestBody, ResponseBody};
+use super::body::{Completion, PendingLog, RequestBody, ResponseBody};
 use super::conn::ConnActivity;
 use super::error::ProxyError;
 use super::hash_key::RequestKey;
 use super::headers::{ensure_request_id, is_upgrade_request, set_forwarded, strip_hop_by_hop};
+use crate::access_log::{AccessLog, HttpEntry};
 use crate::balance::PickContext;
 use crate::config::Protocol;
 use crate::listener::ListenerControl;
+use crate::metrics::OpenConnection;
 use crate::runtime::SharedRuntime;
 use crate::upstream::{Backend, Connection, InFlightGuard, Server, Unavailable};
 
@@ -41,49 +43,124 @@ pub struct ConnContext {
     pub activity: Arc<ConnActivity>,
     /// Upgraded tunnels outlive their request; a graceful stop waits for them.
     pub tunnels: TaskTracker,
+    /// Counts the connection (and its requests and bytes) for its frontend.
+    pub connection: OpenConnection,
+    /// Where requests are logged, when the access log is on.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// The service hyper calls for each request.
 pub async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Response<ResponseBody> {
+    let started = Instant::now();
     let active = ctx.activity.begin_request();
+    ctx.connection
+        .stats()
+        .requests
+        .fetch_add(1, Ordering::Relaxed);
+    let grpc = is_grpc(&request);
+    // Kept for the logs; cloning them costs no allocation.
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let mut trace = Trace::default();
     let response = if ctx.refused {
-        let mut response = ProxyError::Refused.into_response();
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let mut response = error_response(ProxyError::Refused, grpc);
+        if request.version() < Version::HTTP_2 {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     } else {
-        let method = request.method().clone();
-        let path = request.uri().path().to_owned();
-        forward(&ctx, request).await.unwrap_or_else(|err| {
-            tracing::warn!(
-                frontend = %ctx.listener.frontend(),
-                client = %ctx.client,
-                %method,
-                path,
-                status = err.status().as_u16(),
-                error = %err,
-                "request failed"
-            );
-            err.into_response()
-        })
+        forward(&ctx, request, &mut trace)
+            .await
+            .unwrap_or_else(|err| {
+                tracing::warn!(
+                    frontend = %ctx.listener.frontend(),
+                    client = %ctx.client,
+                    %method,
+                    path = uri.path(),
+                    status = err.status().as_u16(),
+                    error = %err,
+                    "request failed"
+                );
+                error_response(err, grpc)
+            })
     };
-    response.map(|body| body.track(active))
+    let status = response.status().as_u16();
+    response.map(|body| {
+        let body = body.track(active);
+        match &ctx.access_log {
+            None => body,
+            Some(log) => body.log(PendingLog {
+                log: Arc::clone(log),
+                entry: Box::new(HttpEntry {
+                    time: SystemTime::now() - started.elapsed(),
+                    client: ctx.client,
+                    frontend: ctx.listener.frontend(),
+                    backend: trace.backend,
+                    server: trace.server,
+                    method,
+                    uri,
+                    status,
+                    bytes: 0,
+                    ttfb: started.elapsed(),
+                    total: Duration::ZERO,
+                    request_id: trace.request_id,
+                    retries: trace.retries,
+                }),
+                started,
+            }),
+        }
+    })
+}
+
+/// What a request met on its way, for the access log.
+#[derive(Debug, Default)]
+struct Trace {
+    backend: Option<Arc<str>>,
+    /// The server of the last attempt.
+    server: Option<Arc<str>>,
+    retries: u32,
+    request_id: Option<HeaderValue>,
+}
+
+fn error_response(err: ProxyError, grpc: bool) -> Response<ResponseBody> {
+    if grpc {
+        err.into_grpc_response()
+    } else {
+        err.into_response()
+    }
+}
+
+/// A gRPC call (`content-type: application/grpc` or `application/grpc+proto`...).
+fn is_grpc(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
 }
 
 async fn forward(
     ctx: &ConnContext,
     mut request: Request<Incoming>,
+    trace: &mut Trace,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let runtime = ctx.runtime.load_full();
     let frontend = runtime
         .frontend(&ctx.listener.settings.load().frontend)
         .ok_or(ProxyError::Unavailable(Unavailable::NoServer))?;
+    // hyper's own limit is its read buffer, which cannot be set below 8 KiB;
+    // smaller limits are enforced here, on the head as the client wrote it.
+    let head = head_size(&request);
+    if head > frontend.config.limits.max_header_bytes {
+        return Err(ProxyError::HeadTooLarge(head));
+    }
     let tunnel = request.version() == Version::HTTP_11 && is_upgrade_request(request.headers());
     let client_upgrade = tunnel.then(|| hyper::upgrade::on(&mut request));
 
     let (mut parts, body) = request.into_parts();
     let backend = Arc::clone(frontend.router.route(&parts));
+    trace.backend = Some(Arc::clone(&backend.name));
     // Taken before the head is rewritten for the server.
     let key = RequestKey::of(&backend.config, &parts);
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
@@ -97,7 +174,7 @@ async fn forward(
     // the body is first read, i.e. once a server connection is ready).
     parts.headers.remove(header::EXPECT);
     set_forwarded(&mut parts.headers, ctx.client.ip(), ctx.https, host.clone());
-    ensure_request_id(&mut parts.headers);
+    trace.request_id = Some(ensure_request_id(&mut parts.headers));
     set_target(&mut parts, &backend, host)?;
 
     let body = if body.is_end_stream() {
@@ -107,7 +184,7 @@ async fn forward(
     };
     let request = Request::from_parts(parts, body);
     let key = key.as_ref().map(RequestKey::as_bytes);
-    let (mut response, guard, connection) = send(ctx, &backend, key, request).await?;
+    let (mut response, guard, connection) = send(ctx, &backend, key, request, trace).await?;
 
     if tunnel && response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let server_upgrade = hyper::upgrade::on(&mut response);
@@ -145,6 +222,22 @@ async fn forward(
         parts,
         ResponseBody::upstream(body, completion),
     ))
+}
+
+/// The size of a request head in HTTP/1.1 form: request line, `name: value`
+/// lines and the blank line that ends it.
+fn head_size<B>(request: &Request<B>) -> usize {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(1, |path| path.as_str().len());
+    let request_line = request.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len();
+    let fields: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + ": ".len() + value.len() + "\r\n".len())
+        .sum();
+    request_line + fields + "\r\n".len()
 }
 
 /// Rewrites the request target for the server's protocol: origin-form with a Host
@@ -211,6 +304,7 @@ async fn send(
     backend: &Backend,
     key: Option<&[u8]>,
     mut request: Request<RequestBody>,
+    trace: &mut Trace,
 ) -> Result<(Response<Incoming>, InFlightGuard, Connection), ProxyError> {
     let pick = PickContext {
         client: ctx.client.ip(),
@@ -223,6 +317,8 @@ async fn send(
     loop {
         let guard = backend.acquire_retry(&pick, failed.as_ref()).await?;
         let server = Arc::clone(guard.server());
+        trace.server = Some(Arc::clone(&server.name));
+        trace.retries = backend.config.retries - retries_left;
         let retry = |retries_left: &mut u32| {
             if *retries_left == 0 {
                 return false;
@@ -235,6 +331,7 @@ async fn send(
             Ok(connection) => connection,
             Err(err) => {
                 tracing::warn!(backend = %backend.name, server = %server.name, error = %err, "cannot connect to server");
+                backend.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                 backend.record_failure(&server, &err.to_string());
                 if !retry(&mut retries_left) {
                     return Err(err.into());
@@ -246,7 +343,7 @@ async fn send(
         // A copy to send again if the server fails after receiving it.
         let spare = (replayable && retries_left > 0).then(|| copy_head(&request));
         let timeout = backend.config.timeouts.response;
-        let sent = Instant::now();
+        let sent = std::time::Instant::now();
         match tokio::time::timeout(timeout, connection.send(request)).await {
             Err(_) => {
                 // At least this slow: p2c should know.
@@ -257,6 +354,8 @@ async fn send(
             Ok(Ok(response)) => {
                 server.state.record_response_time(sent.elapsed());
                 let status = response.status();
+                server.state.count_response(status.as_u16());
+                backend.stats.response_seconds.observe(sent.elapsed());
                 if matches!(status.as_u16(), 502..=504) {
                     backend.record_failure(&server, status.as_str());
                 } else {
@@ -313,4 +412,20 @@ fn is_idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_size_counts_the_head_as_written_on_the_wire() {
+        let request = Request::get("/orders?id=7")
+            .header("host", "x")
+            .header("x-tenant", "acme")
+            .body(())
+            .expect("request");
+        let wire = "GET /orders?id=7 HTTP/1.1\r\nhost: x\r\nx-tenant: acme\r\n\r\n";
+        assert_eq!(head_size(&request), wire.len());
+    }
 }

@@ -39,17 +39,25 @@ pub fn builder(frontend: &config::Frontend) -> ServerBuilder {
 }
 
 /// Serves one client connection until it closes, or until `shutdown` asks it to
-/// finish: then in-flight requests complete and the connection closes.
+/// finish: then in-flight requests complete and the connection closes. `http2`
+/// when TLS negotiated h2 by ALPN.
 pub async fn serve<S>(
     stream: S,
     ctx: Arc<ConnContext>,
     builder: Arc<ServerBuilder>,
     timeouts: ClientTimeouts,
     shutdown: CancellationToken,
+    http2: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = ClientIo::new(stream, Arc::clone(&ctx.activity), timeouts, false);
+    let io = ClientIo::new(
+        stream,
+        Arc::clone(&ctx.activity),
+        timeouts,
+        http2,
+        Arc::clone(ctx.connection.stats()),
+    );
     let service = service_fn(move |request| {
         let ctx = Arc::clone(&ctx);
         async move { Ok::<_, Infallible>(handle(ctx, request).await) }

@@ -5,20 +5,26 @@ pub mod tcp;
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::AccessLog;
 use crate::config::Mode;
 use crate::http::conn::{ClientTimeouts, ConnActivity};
 use crate::http::proxy::ConnContext;
 use crate::http::server::{self, ServerBuilder};
+use crate::metrics::OpenConnection;
 use crate::runtime::SharedRuntime;
 
 const BACKLOG: i32 = 1024;
@@ -48,6 +54,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Cancelled when the process stops: connections finish what is in flight.
     pub shutdown: CancellationToken,
+    /// The access log new connections write to (swapped when a reload changes it).
+    pub access_log: Arc<ArcSwapOption<AccessLog>>,
 }
 
 /// What a listener serves, swapped whole when a reload changes it.
@@ -107,7 +115,9 @@ impl Listener {
         let mut builder: Option<(u64, Arc<ServerBuilder>)> = None;
         loop {
             let settings = control.settings.load_full();
-            let Some(permits) = acquire(&shared.connections, settings.limit.as_ref(), &control.stop).await else {
+            let Some(permits) =
+                acquire(&shared.connections, settings.limit.as_ref(), &control.stop).await
+            else {
                 break;
             };
             let (stream, client) = tokio::select! {
@@ -131,29 +141,40 @@ impl Listener {
                 client_idle: frontend.config.timeouts.client_idle,
             };
             let control = Arc::clone(&control);
+            let tls = frontend
+                .config
+                .tls
+                .as_ref()
+                .and_then(|tls| tls.server.clone());
+            let open = frontend.stats.open_connection();
+            let access_log = shared.access_log.load_full();
             match frontend.config.mode {
                 Mode::Http => {
                     let builder = match &builder {
-                        Some((generation, builder)) if *generation == runtime.generation => Arc::clone(builder),
+                        Some((generation, builder)) if *generation == runtime.generation => {
+                            Arc::clone(builder)
+                        }
                         _ => {
                             let fresh = Arc::new(server::builder(&frontend.config));
                             builder = Some((runtime.generation, Arc::clone(&fresh)));
                             fresh
                         }
                     };
-                    let ctx = Arc::new(ConnContext {
+                    let connection = HttpConnection {
                         runtime: Arc::clone(&shared.runtime),
-                        listener: Arc::clone(&control),
+                        control: Arc::clone(&control),
                         client,
-                        https: false,
                         refused,
-                        activity: Arc::new(ConnActivity::default()),
+                        timeouts,
+                        builder,
                         tunnels: shared.tracker.clone(),
-                    });
+                        open,
+                        access_log,
+                    };
                     shared.tracker.spawn(async move {
                         prepare(&stream);
                         tokio::select! {
-                            () = server::serve(stream, ctx, builder, timeouts, control.drain.clone()) => {}
+                            () = connection.serve(stream, tls) => {}
                             () = control.kill.cancelled() => {}
                         }
                         drop(permits);
@@ -167,8 +188,27 @@ impl Listener {
                     let frontend = Arc::clone(frontend);
                     shared.tracker.spawn(async move {
                         prepare(&stream);
+                        let session = async {
+                            let _open = open;
+                            let stream = match tls {
+                                None => ClientStream::Plain(stream),
+                                Some(tls) => {
+                                    let limit = timeouts.request_header;
+                                    match handshake(stream, tls, client, limit).await {
+                                        Some(stream) => ClientStream::Tls(Box::new(stream)),
+                                        None => {
+                                            let failures = &frontend.stats.tls_handshake_failures;
+                                            failures.fetch_add(1, Ordering::Relaxed);
+                                            return;
+                                        }
+                                    }
+                                }
+                            };
+                            let idle = timeouts.client_idle;
+                            tcp::session(stream, client, frontend, idle, access_log).await;
+                        };
                         tokio::select! {
-                            () = tcp::session(stream, client, frontend, timeouts.client_idle) => {}
+                            () = session => {}
                             () = control.kill.cancelled() => {}
                         }
                         drop(permits);
@@ -177,6 +217,130 @@ impl Listener {
             }
         }
         tracing::info!(frontend = %control.frontend(), addr = ?listener.local_addr().ok(), "stopped listening");
+    }
+}
+
+/// An accepted http-mode connection, before its TLS handshake (if any).
+struct HttpConnection {
+    runtime: SharedRuntime,
+    control: Arc<ListenerControl>,
+    client: SocketAddr,
+    refused: bool,
+    timeouts: ClientTimeouts,
+    builder: Arc<ServerBuilder>,
+    tunnels: TaskTracker,
+    open: OpenConnection,
+    access_log: Option<Arc<AccessLog>>,
+}
+
+impl HttpConnection {
+    async fn serve(self, stream: TcpStream, tls: Option<Arc<rustls::ServerConfig>>) {
+        let drain = self.control.drain.clone();
+        let (stream, https, http2) = match tls {
+            None => (ClientStream::Plain(stream), false, false),
+            Some(tls) => {
+                let limit = self.timeouts.request_header;
+                let Some(stream) = handshake(stream, tls, self.client, limit).await else {
+                    let failures = &self.open.stats().tls_handshake_failures;
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                (ClientStream::Tls(Box::new(stream)), true, http2)
+            }
+        };
+        let (builder, timeouts) = (Arc::clone(&self.builder), self.timeouts);
+        let ctx = Arc::new(ConnContext {
+            runtime: self.runtime,
+            listener: self.control,
+            client: self.client,
+            https,
+            refused: self.refused,
+            activity: Arc::new(ConnActivity::default()),
+            tunnels: self.tunnels,
+            connection: self.open,
+            access_log: self.access_log,
+        });
+        server::serve(stream, ctx, builder, timeouts, drain, http2).await;
+    }
+}
+
+/// A client connection: plain TCP or TLS.
+enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $stream:ident => $call:expr) => {
+        match $self.get_mut() {
+            ClientStream::Plain($stream) => $call,
+            ClientStream::Tls($stream) => $call,
+        }
+    };
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, stream => Pin::new(stream).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, stream => Pin::new(stream).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, stream => Pin::new(stream).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientStream::Plain(stream) => stream.is_write_vectored(),
+            ClientStream::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, stream => Pin::new(stream).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, stream => Pin::new(stream).poll_shutdown(cx))
+    }
+}
+
+/// The TLS handshake, bounded by `request_header` (a client that connects and
+/// never sends a ClientHello is closed then). Failures close the connection.
+async fn handshake(
+    stream: TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    client: SocketAddr,
+    limit: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(limit, tokio_rustls::TlsAcceptor::from(tls).accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(err)) => {
+            tracing::debug!(%client, error = %err, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%client, "TLS handshake timed out");
+            None
+        }
     }
 }
 

@@ -13,33 +13,65 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::access_log::{AccessLog, Entry, TcpEntry};
 use crate::balance::PickContext;
 use crate::runtime::Frontend;
 use crate::upstream::InFlightGuard;
 
 /// Runs one session to its end: both sides closed, an error, or `idle` without a
 /// byte in either direction.
-pub async fn session(
-    mut client: TcpStream,
+pub async fn session<S>(
+    mut client: S,
     peer: SocketAddr,
     frontend: Arc<Frontend>,
     idle: Duration,
-) {
-    let Some((mut server, guard)) = connect(peer, &frontend).await else {
-        // Closing the client at once is the tcp-mode answer to "no server".
-        return;
-    };
-    let activity = Arc::new(Activity::new());
-    let mut client_side = Tracked::new(&mut client, &activity);
-    let mut server_side = Tracked::new(&mut server, &activity);
-    tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client_side, &mut server_side) => match copied {
-            Ok((up, down)) => tracing::debug!(%peer, server = %guard.server().name, up, down, "session ended"),
-            Err(err) => tracing::debug!(%peer, server = %guard.server().name, error = %err, "session ended with an error"),
-        },
-        () = activity.idle_for(idle) => {
-            tracing::debug!(%peer, server = %guard.server().name, "session idle, closing");
+    access_log: Option<Arc<AccessLog>>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = std::time::Instant::now();
+    let connected = connect(peer, &frontend).await;
+    let server = connected
+        .as_ref()
+        .map(|(_, guard)| Arc::clone(&guard.server().name));
+    let (mut bytes_in, mut bytes_out) = (0, 0);
+    if let Some((mut server_stream, guard)) = connected {
+        let activity = Arc::new(Activity::new());
+        let mut client_side = Tracked::new(&mut client, &activity);
+        let mut server_side = Tracked::new(&mut server_stream, &activity);
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut client_side, &mut server_side) => match copied {
+                Ok((up, down)) => {
+                    (bytes_in, bytes_out) = (up, down);
+                    tracing::debug!(%peer, server = %guard.server().name, up, down, "session ended");
+                }
+                Err(err) => tracing::debug!(%peer, server = %guard.server().name, error = %err, "session ended with an error"),
+            },
+            () = activity.idle_for(idle) => {
+                tracing::debug!(%peer, server = %guard.server().name, "session idle, closing");
+            }
         }
+        frontend
+            .stats
+            .bytes_in
+            .fetch_add(bytes_in, std::sync::atomic::Ordering::Relaxed);
+        frontend
+            .stats
+            .bytes_out
+            .fetch_add(bytes_out, std::sync::atomic::Ordering::Relaxed);
+    }
+    // With no server, closing the client at once is the tcp-mode answer.
+    if let Some(log) = access_log {
+        log.log(Entry::Tcp(Box::new(TcpEntry {
+            time: std::time::SystemTime::now() - started.elapsed(),
+            client: peer,
+            frontend: Arc::clone(&frontend.name),
+            backend: Arc::clone(&frontend.router.default_backend().name),
+            server,
+            bytes_in,
+            bytes_out,
+            duration: started.elapsed(),
+        })));
     }
 }
 
@@ -84,6 +116,10 @@ async fn connect(peer: SocketAddr, frontend: &Frontend) -> Option<(TcpStream, In
             }
         };
         tracing::warn!(backend = %backend.name, server = %server.name, error, "cannot connect to server");
+        backend
+            .stats
+            .connect_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         backend.record_failure(&server, &error);
         if retries_left == 0 {
             return None;

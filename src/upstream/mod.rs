@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Duration;
 
-pub use pool::{ConnectError, Connection, Pool, PoolSettings};
+use tokio::sync::Notify;
+
+pub use pool::{ConnectError, Connection, Pool, PoolSettings, ServerStream, UpstreamTls};
 pub use queue::{Queue, QueueError};
 pub use response_time::ResponseTime;
 pub use server::{
@@ -20,6 +22,7 @@ pub use server::{
 
 use crate::balance::{Balancer, PickContext};
 use crate::config;
+use crate::metrics::AtomicHistogram;
 
 /// A backend as the current snapshot sees it.
 #[derive(Debug)]
@@ -32,6 +35,8 @@ pub struct Backend {
     /// Bumped by any server state change; shared with the servers' live state and
     /// with the same backend in later snapshots.
     pub epoch: Arc<AtomicU64>,
+    /// Notified on the same changes, so queued requests look again.
+    pub changed: Arc<Notify>,
     /// Requests waiting for a server slot; shared with later snapshots.
     pub queue: Arc<Queue>,
     /// Counters that outlive reloads.
@@ -45,6 +50,11 @@ pub struct Backend {
 pub struct BackendStats {
     /// Attempts made again after a failure.
     pub retries: AtomicU64,
+    pub connect_errors: AtomicU64,
+    /// From sending a request to its response head.
+    pub response_seconds: AtomicHistogram,
+    /// Time waited for a slot, by requests that waited.
+    pub queue_seconds: AtomicHistogram,
 }
 
 /// Why no server slot could be had for a request or session.
@@ -58,6 +68,29 @@ pub enum Unavailable {
     QueueTimeout,
 }
 
+/// TLS settings for one server of a backend with a `tls` table: the configured
+/// `server_name`, else the host the server's address names.
+pub fn upstream_tls(backend: &config::Backend, server: &config::Server) -> Option<UpstreamTls> {
+    let tls = backend.tls.as_ref()?;
+    let config = tls.client.clone()?;
+    let host = match &tls.server_name {
+        Some(name) => name.clone(),
+        None => server
+            .address
+            .rsplit_once(':')
+            .map_or(server.address.as_str(), |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    };
+    let server_name = rustls::pki_types::ServerName::try_from(host)
+        .unwrap_or_else(|_| rustls::pki_types::ServerName::from(server.addr.ip()));
+    Some(UpstreamTls {
+        config,
+        server_name,
+    })
+}
+
 /// Longest passive ejection, however often a server was ejected.
 const MAX_EJECTION: Duration = Duration::from_secs(300);
 
@@ -68,6 +101,9 @@ impl Backend {
     pub fn build(config: &config::Backend, previous: Option<&Backend>) -> Backend {
         let epoch = previous
             .map(|backend| Arc::clone(&backend.epoch))
+            .unwrap_or_default();
+        let changed = previous
+            .map(|backend| Arc::clone(&backend.changed))
             .unwrap_or_default();
         let queue = previous
             .map(|backend| Arc::clone(&backend.queue))
@@ -87,20 +123,22 @@ impl Backend {
                     .collect()
             })
             .unwrap_or_default();
-        let settings = PoolSettings {
+        let settings_for = |server: &config::Server| PoolSettings {
             protocol: config.protocol,
             connect_timeout: config.timeouts.connect,
             idle_timeout: config.timeouts.idle,
+            tls: upstream_tls(config, server),
         };
         let checked = config.health.check != config::CheckKind::None;
         let servers: Vec<Arc<Server>> = config
             .servers
             .iter()
             .map(|server| {
+                let settings = settings_for(server);
                 let old = kept.get(server.name.as_str());
                 let state = old.map(|old| Arc::clone(&old.state)).unwrap_or_else(|| {
                     Arc::new(
-                        ServerState::new(Arc::clone(&epoch), checked)
+                        ServerState::new(Arc::clone(&epoch), Arc::clone(&changed), checked)
                             .sharing_backend_in_flight(Arc::clone(&in_flight)),
                     )
                 });
@@ -109,7 +147,7 @@ impl Backend {
                         old.pool.addr() == server.addr && *old.pool.settings() == settings
                     })
                     .map(|old| Arc::clone(&old.pool))
-                    .unwrap_or_else(|| Arc::new(Pool::new(server.addr, settings.clone())));
+                    .unwrap_or_else(|| Arc::new(Pool::new(server.addr, settings)));
                 Arc::new(Server::new(server, state, pool, Arc::clone(&queue)))
             })
             .collect();
@@ -121,6 +159,7 @@ impl Backend {
             config: config.clone(),
             servers,
             epoch,
+            changed,
             queue,
             stats,
             in_flight,
@@ -142,7 +181,7 @@ impl Backend {
     /// server at all the answer is immediate.
     pub async fn acquire(&self, ctx: &PickContext<'_>) -> Result<InFlightGuard, Unavailable> {
         if self.queue.is_empty()
-            && let Some(server) = self.pick(ctx)
+            && let Some(server) = self.pick(ctx).or_else(|| self.server_with_room())
         {
             return Ok(server.begin());
         }
@@ -161,15 +200,63 @@ impl Backend {
             self.queue.prune();
             return Ok(server.begin());
         }
-        match tokio::time::timeout(self.config.timeouts.queue, &mut slot).await {
-            Ok(Ok(guard)) => Ok(guard),
-            _ => {
-                slot.close();
-                drop(slot.try_recv());
-                self.queue.prune();
-                Err(Unavailable::QueueTimeout)
+        let queued = tokio::time::Instant::now();
+        let deadline = queued + self.config.timeouts.queue;
+        loop {
+            // Armed before waiting, so a change in between is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            tokio::select! {
+                handed = &mut slot => match handed {
+                    Ok(guard) => {
+                        self.stats.queue_seconds.observe(queued.elapsed());
+                        return Ok(guard);
+                    }
+                    Err(_) => break,
+                },
+                // A server came back, was made ready, or got weight: free
+                // capacity goes to the oldest waiters first (maybe this one).
+                () = changed => self.dispatch(ctx),
+                () = tokio::time::sleep_until(deadline) => break,
             }
         }
+        slot.close();
+        // A slot handed over at the last moment goes on to the next waiter.
+        drop(slot.try_recv());
+        self.queue.prune();
+        self.stats.queue_seconds.observe(queued.elapsed());
+        Err(Unavailable::QueueTimeout)
+    }
+
+    /// Hands free capacity to queued requests, oldest first.
+    fn dispatch(&self, ctx: &PickContext<'_>) {
+        while !self.queue.is_empty() {
+            let Some(server) = self.pick(ctx) else {
+                return;
+            };
+            if self.queue.hand_over(server.begin()).is_some() {
+                // Nobody was waiting after all; the slot is released.
+                return;
+            }
+        }
+    }
+
+    /// The first server, in file order, of the tier that takes traffic now
+    /// (backups only while no other server is usable) that is under its
+    /// `max_connections`. The balancer can miss such a server for the instant
+    /// it rebuilds what it derives from the server set (a new snapshot after a
+    /// reload, a state change), and the queue is only for servers at their
+    /// limit: a request queued then would wait for a slot that nothing hands
+    /// over, and get a 503 at `timeouts.queue`.
+    fn server_with_room(&self) -> Option<&Arc<Server>> {
+        let primary = self
+            .servers
+            .iter()
+            .any(|server| !server.backup && server.is_usable());
+        self.servers
+            .iter()
+            .find(|server| server.backup != primary && server.is_usable() && server.has_capacity())
     }
 
     /// The slot for another attempt after `failed` failed: another server when
@@ -182,7 +269,7 @@ impl Backend {
         let Some(failed) = failed else {
             return self.acquire(ctx).await;
         };
-        if !self.config.redispatch {
+        if !self.config.redispatch && failed.has_capacity() {
             return Ok(failed.begin());
         }
         let guard = self.acquire(ctx).await?;

@@ -8,13 +8,17 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::Protocol;
@@ -35,11 +39,98 @@ pub enum ConnectError {
     Handshake(#[from] hyper::Error),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolSettings {
     pub protocol: Protocol,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// TLS to the server, when the backend has a `tls` table.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How to speak TLS to one server.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub config: Arc<rustls::ClientConfig>,
+    /// Sent as SNI and verified against the server's certificate.
+    pub server_name: ServerName<'static>,
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &UpstreamTls) -> bool {
+        Arc::ptr_eq(&self.config, &other.config) && self.server_name == other.server_name
+    }
+}
+
+impl UpstreamTls {
+    /// Connects and completes the TLS handshake.
+    pub async fn connect(
+        &self,
+        stream: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        tokio_rustls::TlsConnector::from(Arc::clone(&self.config))
+            .connect(self.server_name.clone(), stream)
+            .await
+    }
+}
+
+/// A connection to a server: plain TCP or TLS.
+#[derive(Debug)]
+pub enum ServerStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+macro_rules! delegate {
+    ($self:ident, $stream:ident => $call:expr) => {
+        match $self.get_mut() {
+            ServerStream::Plain($stream) => $call,
+            ServerStream::Tls($stream) => $call,
+        }
+    };
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, stream => Pin::new(stream).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, stream => Pin::new(stream).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, stream => Pin::new(stream).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ServerStream::Plain(stream) => stream.is_write_vectored(),
+            ServerStream::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, stream => Pin::new(stream).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, stream => Pin::new(stream).poll_shutdown(cx))
+    }
 }
 
 /// The connection pool of one server.
@@ -124,13 +215,21 @@ impl Pool {
         Ok(Connection::new(Sender::H2(sender), self, false))
     }
 
-    async fn connect(&self) -> Result<TcpStream, ConnectError> {
+    /// Connects (and completes the TLS handshake), all within the connect
+    /// timeout.
+    async fn connect(&self) -> Result<ServerStream, ConnectError> {
         let timeout = self.settings.connect_timeout;
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(self.addr))
+        let connect = async {
+            let stream = TcpStream::connect(self.addr).await?;
+            stream.set_nodelay(true)?;
+            Ok::<_, io::Error>(match &self.settings.tls {
+                None => ServerStream::Plain(stream),
+                Some(tls) => ServerStream::Tls(Box::new(tls.connect(stream).await?)),
+            })
+        };
+        Ok(tokio::time::timeout(timeout, connect)
             .await
-            .map_err(|_| ConnectError::Timeout(timeout))??;
-        stream.set_nodelay(true)?;
-        Ok(stream)
+            .map_err(|_| ConnectError::Timeout(timeout))??)
     }
 
     fn pop_idle(&self) -> Option<IdleConnection> {

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
+use tokio::sync::Notify;
+
+use crate::metrics::AtomicHistogram;
 
 use super::pool::Pool;
 use super::queue::Queue;
@@ -119,14 +122,20 @@ pub struct ServerState {
     ejections: AtomicU32,
     check_failures: AtomicU64,
     check: ArcSwap<CheckStatus>,
+    check_seconds: AtomicHistogram,
+    transitions: AtomicU64,
+    /// Responses from the server by status class (1xx..5xx).
+    responses: [AtomicU64; 5],
     /// Bumped on any change that alters which servers can take traffic or their
     /// weights; shared by all servers of one backend.
     epoch: Arc<AtomicU64>,
+    /// Wakes the backend's queued requests on such a change.
+    changed: Arc<Notify>,
 }
 
 impl ServerState {
     /// A server not checked yet: down, unless the backend runs no checks.
-    pub fn new(epoch: Arc<AtomicU64>, checked: bool) -> ServerState {
+    pub fn new(epoch: Arc<AtomicU64>, changed: Arc<Notify>, checked: bool) -> ServerState {
         let (health, status) = if checked {
             (Health::Down, "pending")
         } else {
@@ -149,7 +158,11 @@ impl ServerState {
                 detail: String::new(),
                 last_change: Instant::now(),
             }),
+            check_seconds: AtomicHistogram::default(),
+            transitions: AtomicU64::new(0),
+            responses: Default::default(),
             epoch,
+            changed,
         }
     }
 
@@ -254,8 +267,29 @@ impl ServerState {
 
     pub fn set_health(&self, health: Health) {
         if self.health.swap(health as u8, Ordering::AcqRel) != health as u8 {
+            self.transitions.fetch_add(1, Ordering::Relaxed);
             self.bump_epoch();
         }
+    }
+
+    /// Times the server went up or down.
+    pub fn transitions(&self) -> u64 {
+        self.transitions.load(Ordering::Relaxed)
+    }
+
+    /// Counts a response the server sent.
+    #[inline]
+    pub fn count_response(&self, status: u16) {
+        self.responses[crate::metrics::code_class(status)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Responses of one status class (index into `metrics::CODE_CLASSES`).
+    pub fn responses(&self, class: usize) -> u64 {
+        self.responses[class].load(Ordering::Relaxed)
+    }
+
+    pub fn check_seconds(&self) -> &AtomicHistogram {
+        &self.check_seconds
     }
 
     pub fn admin_state(&self) -> AdminState {
@@ -316,6 +350,7 @@ impl ServerState {
 
     fn bump_epoch(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
     }
 }
 

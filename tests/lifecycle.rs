@@ -1,0 +1,166 @@
+//! Stopping the real binary: SIGTERM and SIGINT close the listeners at once, let
+//! in-flight requests finish and exit 0 as soon as nothing is left, or cut what
+//! is left when the grace period ends.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{
+    FlowgateProcess, Origin, ReadEnd, client, full, read_response, read_until_close, servers_toml,
+    wait_until,
+};
+use http_body_util::BodyExt;
+use hyper::Response;
+use tokio::io::AsyncWriteExt;
+
+const SLOW_BODY_BYTES: usize = 256 * 1024;
+
+fn config(origin: SocketAddr, grace_period: &str) -> String {
+    format!(
+        "[global]\ngrace_period = \"{grace_period}\"\n\n\
+         [frontends.web]\nbind = [\"127.0.0.1:0\"]\nbackend = \"pool\"\n\n\
+         [backends.pool]\n\n{}",
+        servers_toml("pool", &[origin])
+    )
+}
+
+/// Whether a new connection to `addr` is refused now.
+fn refuses_connections(addr: SocketAddr) -> bool {
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err()
+}
+
+/// GET `path` through the proxy; the status and body, or the client error text.
+async fn try_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> {
+    let response = client()
+        .get(format!("http://{addr}{path}").parse().expect("uri"))
+        .await
+        .map_err(|err| format!("{err:?}"))?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|err| format!("{err:?}"))?
+        .to_bytes();
+    Ok((status, body.to_vec()))
+}
+
+async fn graceful_stop_finishes_in_flight_requests(signal: &str) {
+    let origin = Origin::start(|_| async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Response::new(full(vec![b'x'; SLOW_BODY_BYTES]))
+    })
+    .await;
+    let mut flowgate = FlowgateProcess::run(&config(origin.addr, "30s"));
+    let addr = flowgate.frontend_addr("web").await;
+
+    let in_flight = tokio::spawn(async move { try_get(addr, "/slow").await });
+    wait_until(Duration::from_secs(5), "the request at the origin", || {
+        origin.count() == 1
+    })
+    .await;
+
+    let stop_sent = Instant::now();
+    flowgate.signal(signal);
+    wait_until(
+        Duration::from_secs(1),
+        "new connections refused after the stop signal",
+        || refuses_connections(addr),
+    )
+    .await;
+
+    let (status, body) = tokio::time::timeout(Duration::from_secs(5), in_flight)
+        .await
+        .expect("in-flight request finishes")
+        .expect("request task")
+        .expect("in-flight request answered in full");
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), SLOW_BODY_BYTES, "truncated body");
+
+    let code = flowgate.wait_exit(Duration::from_secs(5)).await;
+    let stopped_after = stop_sent.elapsed();
+    assert_eq!(code, Some(0), "log:\n{}", flowgate.log().join("\n"));
+    // As soon as nothing is in flight, far below grace_period = 30s.
+    assert!(
+        stopped_after < Duration::from_secs(5),
+        "exit {stopped_after:?} after SIG{signal}"
+    );
+    assert_eq!(origin.count(), 1);
+}
+
+#[tokio::test]
+async fn sigterm_stops_gracefully() {
+    graceful_stop_finishes_in_flight_requests("TERM").await;
+}
+
+#[tokio::test]
+async fn sigint_stops_gracefully() {
+    graceful_stop_finishes_in_flight_requests("INT").await;
+}
+
+#[tokio::test]
+async fn grace_period_cuts_what_is_left() {
+    let origin = Origin::start(|_| std::future::pending()).await;
+    let mut flowgate = FlowgateProcess::run(&config(origin.addr, "500ms"));
+    let addr = flowgate.frontend_addr("web").await;
+
+    let in_flight = tokio::spawn(async move { try_get(addr, "/never").await });
+    wait_until(Duration::from_secs(5), "the request at the origin", || {
+        origin.count() == 1
+    })
+    .await;
+
+    let stop_sent = Instant::now();
+    flowgate.signal("TERM");
+    let code = flowgate.wait_exit(Duration::from_secs(3)).await;
+    let stopped_after = stop_sent.elapsed();
+    assert_eq!(code, Some(0), "log:\n{}", flowgate.log().join("\n"));
+    assert!(
+        stopped_after >= Duration::from_millis(450) && stopped_after < Duration::from_millis(1500),
+        "exit {stopped_after:?} after SIGTERM, grace_period is 500ms"
+    );
+
+    let outcome = tokio::time::timeout(Duration::from_secs(2), in_flight)
+        .await
+        .expect("the client learns of the close")
+        .expect("request task");
+    assert!(
+        outcome.is_err(),
+        "a request cut at the grace period got an answer: {outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_do_not_delay_the_stop() {
+    let origin = Origin::named("ok").await;
+    let mut flowgate = FlowgateProcess::run(&config(origin.addr, "30s"));
+    let addr = flowgate.frontend_addr("web").await;
+
+    // A keep-alive connection idle after one request, and one that never spoke.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = read_response(&mut idle, Duration::from_secs(2))
+        .await
+        .expect("response");
+    assert!(answer.starts_with("HTTP/1.1 200"), "answer: {answer:?}");
+    let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+
+    let stop_sent = Instant::now();
+    flowgate.signal("TERM");
+    let code = flowgate.wait_exit(Duration::from_secs(5)).await;
+    let stopped_after = stop_sent.elapsed();
+    assert_eq!(code, Some(0), "log:\n{}", flowgate.log().join("\n"));
+    assert!(
+        stopped_after < Duration::from_secs(2),
+        "idle connections held the stop for {stopped_after:?}"
+    );
+    for stream in [&mut idle, &mut silent] {
+        let (data, end) = read_until_close(stream, Duration::from_secs(1)).await;
+        assert_eq!(end, ReadEnd::Closed);
+        assert!(data.is_empty(), "unexpected bytes {data:?}");
+    }
+}
