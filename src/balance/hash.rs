@@ -40,12 +40,13 @@ use std::sync::atomic::AtomicU64;
 use super::PickContext;
 use super::derived::Derived;
 use super::round_robin::RoundRobin;
-use super::tier::{Tier, available};
+use super::tier::{RAMP_STEPS, Tier, available, balance_weight};
 use crate::config;
 use crate::upstream::Server;
 
 /// Points per unit of weight (ketama's 160 for a server of weight 1), halved
-/// for very large pools so that a ring stays under [`MAX_POINTS`].
+/// for very large pools so that a ring stays under [`MAX_POINTS`]. A server in
+/// its slow-start ramp has the first twentieths of its points.
 pub const POINTS_PER_WEIGHT: u32 = 160;
 
 /// About 12 MiB of ring; reached at ~6,500 servers of weight 1.
@@ -110,13 +111,14 @@ impl Hash {
     }
 }
 
-/// Points per unit of weight for a backend whose servers weigh `total_weight`
-/// as configured: [`POINTS_PER_WEIGHT`], halved until the ring fits
-/// [`MAX_POINTS`]. It depends on the config only, so it is the same in every
-/// process and does not change while servers come and go.
+/// Points per unit of balance weight (a twentieth of a unit of weight, see
+/// `tier::balance_weight`) for a backend whose servers weigh `total_weight` as
+/// configured: [`POINTS_PER_WEIGHT`] per unit of weight, halved until the ring
+/// fits [`MAX_POINTS`]. It depends on the config only, so it is the same in
+/// every process and does not change while servers come and go.
 fn points_per_weight(total_weight: u64) -> u32 {
-    let mut points = POINTS_PER_WEIGHT;
-    while points > 1 && total_weight * u64::from(points) > MAX_POINTS {
+    let mut points = POINTS_PER_WEIGHT / RAMP_STEPS;
+    while points > 1 && total_weight * u64::from(points * RAMP_STEPS) > MAX_POINTS {
         points /= 2;
     }
     points
@@ -369,7 +371,7 @@ impl Bound {
     #[inline]
     fn admits(&self, server: &Server) -> bool {
         let in_flight = u128::from(server.state.in_flight());
-        let weight = u128::from(server.weight());
+        let weight = u128::from(balance_weight(server));
         in_flight * 100 * u128::from(self.total_weight)
             < u128::from(self.factor) * u128::from(self.placed) * weight
     }
@@ -480,10 +482,11 @@ mod tests {
 
     #[test]
     fn points_per_weight_shrinks_only_for_huge_pools() {
-        assert_eq!(points_per_weight(1), 160);
-        assert_eq!(points_per_weight(50 * 256), 80);
-        assert_eq!(points_per_weight(6_000), 160);
-        assert_eq!(points_per_weight(10_000), 80);
+        // Per twentieth of a unit of weight: 8 is 160 per unit.
+        assert_eq!(points_per_weight(1), 8);
+        assert_eq!(points_per_weight(50 * 256), 4);
+        assert_eq!(points_per_weight(6_000), 8);
+        assert_eq!(points_per_weight(10_000), 4);
         assert_eq!(points_per_weight(u64::from(u32::MAX)), 1);
     }
 
@@ -661,6 +664,26 @@ mod tests {
                 "{what}: keys came back"
             );
         }
+    }
+
+    /// A server ramping up after slow start owns a growing part of its keys,
+    /// and only takes keys from others, never swaps them between others.
+    #[test]
+    fn a_ramping_server_takes_a_growing_share_of_its_own_keys() {
+        let backend = hash_backend(&testing::plain(4), "");
+        let full = picks_by_name(&backend, 20_000);
+        let ramping = &backend.servers[2].state;
+        let mut owned = Vec::new();
+        for factor in [50, 250, 500, 1000] {
+            ramping.set_weight_factor(factor);
+            let now = picks_by_name(&backend, 20_000);
+            for (old, new) in full.iter().zip(&now) {
+                assert!(old == new || old == "s2", "factor {factor}: {old} -> {new}");
+            }
+            owned.push(now.iter().filter(|name| *name == "s2").count());
+        }
+        assert!(owned.windows(2).all(|w| w[0] < w[1]), "{owned:?}");
+        assert_eq!(owned[3], full.iter().filter(|name| *name == "s2").count());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::derived::Derived;
-use super::tier::available;
+use super::tier::{available, balance_weight};
 use super::{PickContext, active_tier};
 use crate::upstream::Server;
 
@@ -50,7 +50,7 @@ impl RoundRobin {
 fn schedule(servers: &[Arc<Server>]) -> Box<[u32]> {
     let weights: Vec<(u32, u32)> = active_tier(servers)
         .into_iter()
-        .map(|index| (index as u32, servers[index].weight()))
+        .map(|index| (index as u32, balance_weight(&servers[index])))
         .collect();
     smooth_cycle(&weights).into_boxed_slice()
 }

@@ -5,7 +5,26 @@
 use std::sync::Arc;
 
 use super::active_tier;
-use crate::upstream::{Server, ServerState};
+use crate::upstream::{FULL_WEIGHT, Server, ServerState};
+
+/// Steps of a slow-start ramp that balancers tell apart.
+pub(crate) const RAMP_STEPS: u32 = 20;
+
+/// The weight balancers work with: the server's weight (config or admin API)
+/// times the twentieths of it that slow start lets through, so a server of
+/// weight 1 ramps as smoothly as one of weight 100 (its integer weight can only
+/// be 1). Without a ramp every server's is 20 times its weight, which changes
+/// no share.
+#[inline]
+pub(crate) fn balance_weight(server: &Server) -> u32 {
+    let steps = server
+        .state
+        .weight_factor()
+        .saturating_mul(RAMP_STEPS)
+        .div_ceil(FULL_WEIGHT)
+        .clamp(1, RAMP_STEPS);
+    server.base_weight().saturating_mul(steps)
+}
 
 /// One server of the active tier.
 #[derive(Debug)]
@@ -43,7 +62,7 @@ impl Tier {
                 let server = &servers[index];
                 Member {
                     index,
-                    weight: server.weight(),
+                    weight: balance_weight(server),
                     max_connections: server.max_connections,
                     state: Arc::clone(&server.state),
                 }
@@ -177,6 +196,22 @@ mod tests {
             shares[alias[slot] as usize] += total - keep_below[slot];
         }
         shares
+    }
+
+    #[test]
+    fn slow_start_ramps_weight_one_servers_too() {
+        use crate::balance::testing::{self, Spec};
+        let backend = testing::backend("round_robin", &[Spec::weight(1), Spec::weight(3)]);
+        let (one, three) = (&backend.servers[0], &backend.servers[1]);
+        assert_eq!((balance_weight(one), balance_weight(three)), (20, 60));
+        for (factor, steps) in [(1, 1), (50, 1), (51, 2), (100, 2), (500, 10), (999, 20)] {
+            one.state.set_weight_factor(factor);
+            three.state.set_weight_factor(factor);
+            assert_eq!(balance_weight(one), steps, "factor {factor}");
+            assert_eq!(balance_weight(three), 3 * steps, "factor {factor}");
+        }
+        one.state.set_weight_override(Some(0));
+        assert_eq!(balance_weight(one), 0);
     }
 
     #[test]
