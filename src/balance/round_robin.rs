@@ -7,86 +7,52 @@
 //! increment and an index.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use arc_swap::ArcSwap;
-
+use super::derived::Derived;
+use super::tier::{available, balance_weight};
 use super::{PickContext, active_tier};
 use crate::upstream::Server;
 
 #[derive(Debug)]
 pub struct RoundRobin {
-    epoch: Arc<AtomicU64>,
-    schedule: ArcSwap<Schedule>,
+    /// One cycle of picks, as indices into the backend's servers.
+    schedule: Derived<Box<[u32]>>,
     next: AtomicUsize,
-    rebuilding: AtomicBool,
-}
-
-/// One cycle of picks, as indices into the backend's servers.
-#[derive(Debug)]
-struct Schedule {
-    epoch: u64,
-    order: Box<[u32]>,
 }
 
 impl RoundRobin {
-    pub fn new(epoch: Arc<AtomicU64>) -> RoundRobin {
+    pub fn new(servers: &[Arc<Server>], epoch: Arc<AtomicU64>) -> RoundRobin {
         RoundRobin {
-            epoch,
-            // Never matches a real epoch, so the first pick builds the schedule.
-            schedule: ArcSwap::from_pointee(Schedule {
-                epoch: u64::MAX,
-                order: Box::new([]),
-            }),
+            schedule: Derived::new(epoch, || schedule(servers)),
             next: AtomicUsize::new(0),
-            rebuilding: AtomicBool::new(false),
         }
     }
 
     pub fn pick(&self, servers: &[Arc<Server>], _ctx: &PickContext<'_>) -> Option<usize> {
-        let current = self.epoch.load(Ordering::Acquire);
-        let mut schedule = self.schedule.load();
-        if schedule.epoch != current {
-            self.rebuild(servers, current);
-            schedule = self.schedule.load();
-        }
-        let order = &schedule.order;
+        let order = self.schedule.load(|| schedule(servers));
         if order.is_empty() {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % order.len();
         // Normally the first candidate is taken. A server can have changed state
         // since the schedule was built, or be at its connection limit: then the
         // next ones in the cycle are tried.
-        (0..order.len())
-            .map(|offset| order[(start.wrapping_add(offset)) % order.len()] as usize)
-            .find(|&index| {
-                let server = &servers[index];
-                server.is_usable() && server.has_capacity()
-            })
+        let (done, rest) = order.split_at(start);
+        rest.iter()
+            .chain(done)
+            .map(|&index| index as usize)
+            .find(|&index| available(&servers[index]))
     }
+}
 
-    /// Rebuilds the schedule for `epoch`. One thread rebuilds; the others keep
-    /// using the previous schedule meanwhile, skipping servers that left it.
-    fn rebuild(&self, servers: &[Arc<Server>], epoch: u64) {
-        if self
-            .rebuilding
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            return;
-        }
-        let tier = active_tier(servers);
-        let weights: Vec<(u32, u32)> = tier
-            .iter()
-            .map(|&index| (index as u32, servers[index].weight()))
-            .collect();
-        self.schedule.store(Arc::new(Schedule {
-            epoch,
-            order: smooth_cycle(&weights).into_boxed_slice(),
-        }));
-        self.rebuilding.store(false, Ordering::Release);
-    }
+/// The cycle for the active tier as it is now.
+fn schedule(servers: &[Arc<Server>]) -> Box<[u32]> {
+    let weights: Vec<(u32, u32)> = active_tier(servers)
+        .into_iter()
+        .map(|index| (index as u32, balance_weight(&servers[index])))
+        .collect();
+    smooth_cycle(&weights).into_boxed_slice()
 }
 
 /// One cycle of nginx's smooth weighted round robin over `(id, weight)` pairs:
@@ -108,6 +74,10 @@ fn smooth_cycle(weights: &[(u32, u32)]) -> Vec<u32> {
         .map(|&(id, weight)| (id, i64::from(weight / divisor)))
         .collect();
     let total: i64 = weights.iter().map(|&(_, weight)| weight).sum();
+    if total == weights.len() as i64 {
+        // Equal weights give file order; large pools skip the n * total steps.
+        return weights.iter().map(|&(id, _)| id).collect();
+    }
     let mut current = vec![0i64; weights.len()];
     let mut order = Vec::with_capacity(total as usize);
     for _ in 0..total {
@@ -165,5 +135,36 @@ mod tests {
     #[test]
     fn equal_weights_rotate_in_file_order() {
         assert_eq!(smooth_cycle(&[(0, 1), (1, 1), (2, 1)]), vec![0, 1, 2]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Through the balancer, with random weights (0 included): every run of
+        /// one cycle's length, wherever it starts, gives every server exactly
+        /// its weight divided by the weights' common divisor.
+        #[test]
+        fn exact_shares_over_every_cycle(weights in proptest::collection::vec(0u32..=12, 1..8)) {
+            use crate::balance::testing::{self, Spec};
+            let specs: Vec<Spec> = weights.iter().map(|&w| Spec::weight(w)).collect();
+            let backend = testing::backend("round_robin", &specs);
+            let balancer = RoundRobin::new(&backend.servers, Arc::clone(&backend.epoch));
+            let ctx = PickContext { client: [127, 0, 0, 1].into(), key: None };
+            let divisor = weights.iter().copied().filter(|&w| w > 0).fold(0, gcd);
+            if divisor == 0 {
+                proptest::prop_assert_eq!(balancer.pick(&backend.servers, &ctx), None);
+                return Ok(());
+            }
+            let cycle: u32 = weights.iter().map(|w| w / divisor).sum();
+            let picks: Vec<usize> = (0..cycle * 3)
+                .map(|_| balancer.pick(&backend.servers, &ctx).unwrap())
+                .collect();
+            for window in picks.windows(cycle as usize) {
+                for (index, &weight) in weights.iter().enumerate() {
+                    let count = window.iter().filter(|&&pick| pick == index).count() as u32;
+                    proptest::prop_assert_eq!(count, weight / divisor);
+                }
+            }
+        }
     }
 }

@@ -4,6 +4,7 @@
 pub mod body;
 pub mod conn;
 pub mod error;
+pub mod hash_key;
 pub mod headers;
 pub mod proxy;
 pub mod route;

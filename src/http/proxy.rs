@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use super::body::{Completion, PendingLog, RequestBody, ResponseBody};
 use super::conn::ConnActivity;
 use super::error::ProxyError;
+use super::hash_key::RequestKey;
 use super::headers::{ensure_request_id, is_upgrade_request, set_forwarded, strip_hop_by_hop};
 use crate::access_log::{AccessLog, HttpEntry};
 use crate::balance::PickContext;
@@ -160,6 +161,8 @@ async fn forward(
     let (mut parts, body) = request.into_parts();
     let backend = Arc::clone(frontend.router.route(&parts));
     trace.backend = Some(Arc::clone(&backend.name));
+    // Taken before the head is rewritten for the server.
+    let key = RequestKey::of(&backend.config, &parts);
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -180,7 +183,8 @@ async fn forward(
         RequestBody::Streaming(body)
     };
     let request = Request::from_parts(parts, body);
-    let (mut response, guard, connection) = send(ctx, &backend, request, trace).await?;
+    let key = key.as_ref().map(RequestKey::as_bytes);
+    let (mut response, guard, connection) = send(ctx, &backend, key, request, trace).await?;
 
     if tunnel && response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let server_upgrade = hyper::upgrade::on(&mut response);
@@ -298,12 +302,13 @@ fn set_target(
 async fn send(
     ctx: &ConnContext,
     backend: &Backend,
+    key: Option<&[u8]>,
     mut request: Request<RequestBody>,
     trace: &mut Trace,
 ) -> Result<(Response<Incoming>, InFlightGuard, Connection), ProxyError> {
     let pick = PickContext {
         client: ctx.client.ip(),
-        key: None,
+        key,
     };
     let replayable =
         is_idempotent(request.method()) && matches!(request.body(), RequestBody::Empty);
@@ -341,10 +346,13 @@ async fn send(
         let sent = std::time::Instant::now();
         match tokio::time::timeout(timeout, connection.send(request)).await {
             Err(_) => {
+                // At least this slow: p2c should know.
+                server.state.record_response_time(timeout);
                 backend.record_failure(&server, "response timeout");
                 return Err(ProxyError::ResponseTimeout(timeout));
             }
             Ok(Ok(response)) => {
+                server.state.record_response_time(sent.elapsed());
                 let status = response.status();
                 server.state.count_response(status.as_u16());
                 backend.stats.response_seconds.observe(sent.elapsed());

@@ -97,8 +97,12 @@ async fn connect(peer: SocketAddr, frontend: &Frontend) -> Option<(TcpStream, In
             }
         };
         let server = Arc::clone(guard.server());
+        let started = Instant::now();
         let error = match tokio::time::timeout(timeout, TcpStream::connect(server.addr)).await {
             Ok(Ok(stream)) => {
+                // Sessions have no response to time: the connect is what p2c
+                // can learn a server's responsiveness from.
+                server.state.record_response_time(started.elapsed());
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(error = %err, "cannot set TCP_NODELAY");
                 }
@@ -106,7 +110,10 @@ async fn connect(peer: SocketAddr, frontend: &Frontend) -> Option<(TcpStream, In
                 return Some((stream, guard));
             }
             Ok(Err(err)) => err.to_string(),
-            Err(_) => format!("connect timed out after {timeout:?}"),
+            Err(_) => {
+                server.state.record_response_time(timeout);
+                format!("connect timed out after {timeout:?}")
+            }
         };
         tracing::warn!(backend = %backend.name, server = %server.name, error, "cannot connect to server");
         backend

@@ -3,17 +3,19 @@
 
 pub mod pool;
 mod queue;
+pub mod response_time;
 mod server;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
 pub use pool::{ConnectError, Connection, Pool, PoolSettings, ServerStream, UpstreamTls};
 pub use queue::{Queue, QueueError};
+pub use response_time::ResponseTime;
 pub use server::{
     AdminState, CheckStatus, FULL_WEIGHT, Health, InFlightGuard, Server, ServerState, ServerStatus,
 };
@@ -39,6 +41,8 @@ pub struct Backend {
     pub queue: Arc<Queue>,
     /// Counters that outlive reloads.
     pub stats: Arc<BackendStats>,
+    /// In-flight work on all servers of the backend; shared like `epoch`.
+    pub in_flight: Arc<AtomicU32>,
 }
 
 /// A backend's counters, kept across reloads.
@@ -107,6 +111,9 @@ impl Backend {
         let stats = previous
             .map(|backend| Arc::clone(&backend.stats))
             .unwrap_or_default();
+        let in_flight = previous
+            .map(|backend| Arc::clone(&backend.in_flight))
+            .unwrap_or_default();
         let kept: HashMap<&str, &Arc<Server>> = previous
             .map(|backend| {
                 backend
@@ -123,18 +130,17 @@ impl Backend {
             tls: upstream_tls(config, server),
         };
         let checked = config.health.check != config::CheckKind::None;
-        let servers = config
+        let servers: Vec<Arc<Server>> = config
             .servers
             .iter()
             .map(|server| {
                 let settings = settings_for(server);
                 let old = kept.get(server.name.as_str());
                 let state = old.map(|old| Arc::clone(&old.state)).unwrap_or_else(|| {
-                    Arc::new(ServerState::new(
-                        Arc::clone(&epoch),
-                        Arc::clone(&changed),
-                        checked,
-                    ))
+                    Arc::new(
+                        ServerState::new(Arc::clone(&epoch), Arc::clone(&changed), checked)
+                            .sharing_backend_in_flight(Arc::clone(&in_flight)),
+                    )
                 });
                 let pool = old
                     .filter(|old| {
@@ -149,13 +155,14 @@ impl Backend {
         epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Backend {
             name: Arc::from(config.name.as_str()),
-            balancer: Balancer::new(config, Arc::clone(&epoch)),
+            balancer: Balancer::new(config, &servers, Arc::clone(&epoch)),
             config: config.clone(),
             servers,
             epoch,
             changed,
             queue,
             stats,
+            in_flight,
         }
     }
 

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
@@ -18,6 +18,7 @@ use crate::metrics::AtomicHistogram;
 
 use super::pool::Pool;
 use super::queue::Queue;
+use super::response_time::ResponseTime;
 use crate::config;
 
 /// What health checks found.
@@ -107,6 +108,12 @@ pub struct ServerState {
     /// Slow start: the share of the weight in effect, in thousandths.
     weight_factor: AtomicU32,
     in_flight: AtomicU32,
+    /// In-flight work on every server of the backend (bounded-load hashing
+    /// compares a server with the average); shared by all servers of one backend.
+    backend_in_flight: Arc<AtomicU32>,
+    /// Time from sending a request to its response head (http), or to connect
+    /// (tcp), as a peak-EWMA; `p2c` weighs in-flight work with it.
+    response_time: ResponseTime,
     /// Taken out by passive checks until its ejection ends.
     ejected: AtomicBool,
     /// Live failures in a row (passive checks).
@@ -140,6 +147,8 @@ impl ServerState {
             weight_override: AtomicU32::new(NO_WEIGHT_OVERRIDE),
             weight_factor: AtomicU32::new(FULL_WEIGHT),
             in_flight: AtomicU32::new(0),
+            backend_in_flight: Arc::default(),
+            response_time: ResponseTime::new(),
             ejected: AtomicBool::new(false),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
@@ -155,6 +164,13 @@ impl ServerState {
             epoch,
             changed,
         }
+    }
+
+    /// Counts this server's in-flight work also in `backend_in_flight`, the
+    /// counter its backend's other servers share.
+    pub fn sharing_backend_in_flight(mut self, backend_in_flight: Arc<AtomicU32>) -> Self {
+        self.backend_in_flight = backend_in_flight;
+        self
     }
 
     /// The last check's result.
@@ -305,6 +321,22 @@ impl ServerState {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// In-flight work on all servers of this server's backend, including
+    /// servers that drain or left the config and still finish requests.
+    pub fn backend_in_flight(&self) -> u32 {
+        self.backend_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The peak-EWMA of this server's response time.
+    pub fn response_time(&self) -> &ResponseTime {
+        &self.response_time
+    }
+
+    /// Records how long one response took to start (or one connect, in tcp mode).
+    pub fn record_response_time(&self, elapsed: Duration) {
+        self.response_time.record(elapsed);
+    }
+
     pub fn status(&self) -> ServerStatus {
         match self.admin_state() {
             AdminState::Maint => ServerStatus::Maint,
@@ -408,6 +440,7 @@ impl Server {
     /// Counts one request or session on this server until the guard drops.
     pub fn begin(self: &Arc<Self>) -> InFlightGuard {
         self.state.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.state.backend_in_flight.fetch_add(1, Ordering::Relaxed);
         InFlightGuard {
             server: Arc::clone(self),
             counted: true,
@@ -450,5 +483,9 @@ impl Drop for InFlightGuard {
             }
         }
         server.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        server
+            .state
+            .backend_in_flight
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
