@@ -9,8 +9,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -21,6 +24,7 @@ use rustls::server::{
 };
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::config::{self, CertificatePair, Protocol, TlsVersion};
 
@@ -340,5 +344,70 @@ mod tests {
             format!("{}: no private key found", cert.display())
         );
         assert!(server_config(&frontend(&cert, &key)).is_ok());
+    }
+}
+
+/// A TCP connection, plain or with TLS on it (`T` is the client or server side
+/// of a TLS stream).
+#[derive(Debug)]
+pub enum MaybeTls<T> {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<T>),
+}
+
+/// The connection to a server.
+pub type ServerStream = MaybeTls<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+/// A client's connection.
+pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
+
+macro_rules! delegate {
+    ($self:ident, $stream:ident => $call:expr) => {
+        match $self.get_mut() {
+            MaybeTls::Plain($stream) => $call,
+            MaybeTls::Tls($stream) => $call,
+        }
+    };
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, stream => Pin::new(stream).poll_read(cx, buf))
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, stream => Pin::new(stream).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, stream => Pin::new(stream).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeTls::Plain(stream) => stream.is_write_vectored(),
+            MaybeTls::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, stream => Pin::new(stream).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, stream => Pin::new(stream).poll_shutdown(cx))
     }
 }
