@@ -62,43 +62,7 @@ impl Origin {
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<Body>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
-        let addr = listener.local_addr().expect("origin addr");
-        let requests = Arc::new(AtomicUsize::new(0));
-        let stop = CancellationToken::new();
-        let handler = Arc::new(handler);
-        let (count, token) = (Arc::clone(&requests), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
-                    () = token.cancelled() => return,
-                };
-                let (handler, count, token) =
-                    (Arc::clone(&handler), Arc::clone(&count), token.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        let response = handler(request);
-                        async move { Ok::<_, Infallible>(response.await) }
-                    });
-                    let mut builder = auto::Builder::new(TokioExecutor::new());
-                    builder.http1().timer(TokioTimer::new());
-                    let connection =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    tokio::pin!(connection);
-                    tokio::select! {
-                        _ = connection.as_mut() => {}
-                        () = token.cancelled() => {}
-                    }
-                });
-            }
-        });
-        Origin {
-            addr,
-            requests,
-            stop,
-        }
+        Origin::start_counting_connections(handler).await.0
     }
 
     /// An origin that answers 200 with its name as the body.
@@ -495,39 +459,13 @@ impl Origin {
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
-        let handler = Arc::new(handler);
-        let (count, accepted, token) = (
+        serve_origin(
+            listener,
+            handler,
             Arc::clone(&requests),
             Arc::clone(&connections),
             stop.clone(),
         );
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = tokio::select! {
-                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
-                    () = token.cancelled() => return,
-                };
-                accepted.fetch_add(1, Ordering::SeqCst);
-                let (handler, count, token) =
-                    (Arc::clone(&handler), Arc::clone(&count), token.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |request| {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        let response = handler(request);
-                        async move { Ok::<_, Infallible>(response.await) }
-                    });
-                    let mut builder = auto::Builder::new(TokioExecutor::new());
-                    builder.http1().timer(TokioTimer::new());
-                    let connection =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    tokio::pin!(connection);
-                    tokio::select! {
-                        _ = connection.as_mut() => {}
-                        () = token.cancelled() => {}
-                    }
-                });
-            }
-        });
         (
             Origin {
                 addr,
@@ -551,6 +489,7 @@ fn serve_origin<F, Fut>(
     listener: TcpListener,
     handler: F,
     requests: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
     stop: CancellationToken,
 ) where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
@@ -563,6 +502,7 @@ fn serve_origin<F, Fut>(
                 accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
                 () = stop.cancelled() => return,
             };
+            connections.fetch_add(1, Ordering::SeqCst);
             let (handler, count, token) =
                 (Arc::clone(&handler), Arc::clone(&requests), stop.clone());
             tokio::spawn(async move {
@@ -883,7 +823,13 @@ impl Origin {
         let listener = bind_again(addr).await;
         let requests = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
-        serve_origin(listener, handler, Arc::clone(&requests), stop.clone());
+        serve_origin(
+            listener,
+            handler,
+            Arc::clone(&requests),
+            Arc::default(),
+            stop.clone(),
+        );
         Origin {
             addr,
             requests,
