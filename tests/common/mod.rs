@@ -170,29 +170,9 @@ impl FlowgateProcess {
     }
 
     fn spawn(dir: tempfile::TempDir, config: PathBuf, args: &[&str]) -> FlowgateProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
-            .args(args)
-            .arg(&config)
-            .env("FLOWGATE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn flowgate");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("stderr");
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().expect("log lock").push(line);
-            }
-        });
-        FlowgateProcess {
-            child,
-            dir,
-            config,
-            log,
-        }
+        let mut command = Command::new(env!("CARGO_BIN_EXE_flowgate"));
+        command.args(args).arg(&config);
+        Self::run_command(command, dir, config)
     }
 
     pub fn pid(&self) -> u32 {
