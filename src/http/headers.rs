@@ -17,6 +17,11 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// names. With `tunnel`, `Connection: upgrade` and `Upgrade` stay, since they
 /// are what asks the next hop for the tunnel.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
+    // Most messages carry none: one pass over the names instead of a lookup
+    // per hop-by-hop name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Connection may come on several lines; every line names headers. (An empty
     // Vec does not allocate, so the common case costs nothing.)
     let named: Vec<HeaderName> = headers
@@ -60,6 +65,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
     }
 }
 
+/// The headers that never cross a hop whatever `Connection` says (and
+/// `Connection` itself, which may name more).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
     value
         .to_str()
@@ -77,16 +93,21 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Appends the client to X-Forwarded-For and sets X-Forwarded-Proto and
-/// X-Forwarded-Host (the host the client asked for, when known).
+/// The client's address as X-Forwarded-For lists it; made once per connection.
+pub fn forwarded_for_value(client: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&client.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// Appends the client (see [`forwarded_for_value`]) to X-Forwarded-For and sets
+/// X-Forwarded-Proto and X-Forwarded-Host (the host the client asked for, when
+/// known).
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    client: &HeaderValue,
     https: bool,
     host: Option<HeaderValue>,
 ) {
-    let client =
-        HeaderValue::from_str(&client.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+    let client = client.clone();
     // Several X-Forwarded-For lines are one list (RFC 9110 5.3): join them all,
     // in order, before appending the client.
     let mut joined = Vec::new();
@@ -211,7 +232,7 @@ mod tests {
         let mut map = headers(&[("x-forwarded-for", "203.0.113.7")]);
         set_forwarded(
             &mut map,
-            "127.0.0.1".parse().expect("ip"),
+            &forwarded_for_value("127.0.0.1".parse().expect("ip")),
             false,
             Some(HeaderValue::from_static("engine.example.com")),
         );
@@ -248,7 +269,8 @@ mod tests {
             ("x-forwarded-for", "203.0.113.7"),
             ("x-forwarded-for", "198.51.100.2, 192.0.2.1"),
         ]);
-        set_forwarded(&mut map, "127.0.0.1".parse().expect("ip"), false, None);
+        let client = forwarded_for_value("127.0.0.1".parse().expect("ip"));
+        set_forwarded(&mut map, &client, false, None);
         let values: Vec<&[u8]> = map
             .get_all("x-forwarded-for")
             .iter()

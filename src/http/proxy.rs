@@ -36,6 +36,8 @@ pub struct ConnContext {
     /// which a reload may change.
     pub listener: Arc<ListenerControl>,
     pub client: SocketAddr,
+    /// `client`'s address as X-Forwarded-For lists it.
+    pub forwarded_for: HeaderValue,
     /// The client reached flowgate over TLS.
     pub https: bool,
     /// The client's address is refused by the frontend's allow/deny lists.
@@ -173,7 +175,12 @@ async fn forward(
     // flowgate itself answers "Expect: 100-continue" (hyper sends the 100 when
     // the body is first read, i.e. once a server connection is ready).
     parts.headers.remove(header::EXPECT);
-    set_forwarded(&mut parts.headers, ctx.client.ip(), ctx.https, host.clone());
+    set_forwarded(
+        &mut parts.headers,
+        &ctx.forwarded_for,
+        ctx.https,
+        host.clone(),
+    );
     trace.request_id = Some(ensure_request_id(&mut parts.headers));
     set_target(&mut parts, &backend, host)?;
 

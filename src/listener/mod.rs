@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::AccessLog;
 use crate::config::Mode;
 use crate::http::conn::{ClientTimeouts, ConnActivity};
+use crate::http::headers::forwarded_for_value;
 use crate::http::proxy::ConnContext;
 use crate::http::server::{self, ServerBuilder};
 use crate::metrics::OpenConnection;
@@ -252,6 +253,7 @@ impl HttpConnection {
             runtime: self.runtime,
             listener: self.control,
             client: self.client,
+            forwarded_for: forwarded_for_value(self.client.ip()),
             https,
             refused: self.refused,
             activity: Arc::new(ConnActivity::default()),
