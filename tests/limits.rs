@@ -520,3 +520,91 @@ async fn malformed_request_gets_a_plain_text_400() {
     assert_eq!(origin.count(), 0);
     proxy.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Keep-alive connections idle longer than `PARK_AFTER` give their hyper state
+/// back and start a fresh one with the next request: every request after such
+/// a pause is answered on the same connection, with its own head timer intact.
+#[tokio::test]
+async fn keep_alive_connection_serves_requests_after_idle_pauses() {
+    let origin = origin_with_slow_path(Duration::from_millis(10)).await;
+    let proxy = start_proxy(&config(origin.addr, "", "", "")).await;
+    let addr = proxy.local_addr("web").expect("bound");
+
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let pause = flowgate::http::conn::PARK_AFTER * 2;
+    for round in 0..3 {
+        stream.write_all(SIMPLE_GET).await.expect("write");
+        let answer = read_response(&mut stream, Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|| panic!("no answer in round {round}"));
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "round {round}: {answer:?}"
+        );
+        assert!(answer.ends_with("ok"), "round {round}: {answer:?}");
+        // The client's pause between requests (no bytes may arrive meanwhile).
+        assert_eq!(
+            read_response(&mut stream, pause).await,
+            None,
+            "round {round}"
+        );
+    }
+    // Two requests written at once after a pause (pipelined) are both answered.
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write pipelined");
+    let first = read_response(&mut stream, Duration::from_secs(2)).await;
+    assert!(
+        first.as_deref().is_some_and(|a| a.ends_with("slow")),
+        "{first:?}"
+    );
+    let second = read_response(&mut stream, Duration::from_secs(2)).await;
+    assert!(
+        second.as_deref().is_some_and(|a| a.ends_with("ok")),
+        "{second:?}"
+    );
+    assert_eq!(origin.count(), 5);
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A client that stops reading a large response for longer than `PARK_AFTER`
+/// still gets every byte of it: a connection with unwritten response bytes is
+/// not idle.
+#[tokio::test]
+async fn slow_reader_gets_the_whole_response() {
+    const SIZE: usize = 8 * 1024 * 1024;
+    let body: bytes::Bytes = (0..SIZE)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let served = body.clone();
+    let origin = Origin::start(move |_| {
+        let body = served.clone();
+        async move { Response::new(full(body)) }
+    })
+    .await;
+    let proxy = start_proxy(&config(origin.addr, "", "", "")).await;
+    let addr = proxy.local_addr("web").expect("bound");
+
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(SIMPLE_GET).await.expect("write");
+    // The client reads nothing for a while: the socket buffers fill and
+    // flowgate holds the rest of the response.
+    let mut first = [0u8; 1];
+    stream.read_exact(&mut first).await.expect("first byte");
+    tokio::time::sleep(flowgate::http::conn::PARK_AFTER * 3).await;
+    let answer = read_response(&mut stream, Duration::from_secs(10))
+        .await
+        .map(|rest| format!("{}{rest}", first[0] as char))
+        .expect("the whole response");
+    let (head, received) = answer.split_once("\r\n\r\n").expect("head");
+    assert!(head.starts_with("HTTP/1.1 200"), "head: {head:?}");
+    assert_eq!(received.len(), SIZE);
+    assert!(received.as_bytes() == &body[..], "body differs");
+    // And the connection goes on.
+    stream.write_all(SIMPLE_GET).await.expect("write");
+    let again = read_response(&mut stream, Duration::from_secs(10)).await;
+    assert!(again.is_some_and(|a| a.starts_with("HTTP/1.1 200")));
+    proxy.shutdown(Duration::from_secs(1)).await;
+}

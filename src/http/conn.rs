@@ -14,12 +14,17 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::metrics::FrontendStats;
 
-const PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
+/// How long an HTTP/1.1 connection waits for its next request before it is
+/// parked: hyper's connection (with its 8 KiB read and write buffers) ends as
+/// if the client had closed, the socket stays open, and the next request
+/// starts a fresh hyper connection (see `http::server`).
+pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
 content-type: text/plain; charset=utf-8\r\n\
@@ -97,8 +102,6 @@ impl Drop for ActiveRequest {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Protocol {
-    /// Nothing read yet: treated as HTTP/1 until the HTTP/2 preface shows.
-    Unknown,
     Http1,
     Http2,
 }
@@ -127,6 +130,15 @@ pub struct ClientIo<S> {
     /// flowgate's answer to a rejected head, replacing hyper's, and how much of
     /// it is written.
     replacing: Option<(&'static [u8], usize)>,
+    /// Bytes read before hyper's connection started, for hyper to read first.
+    replay: Option<BytesMut>,
+    /// hyper's HTTP/1.1 connection runs and may be parked once idle.
+    armed: bool,
+    /// hyper was told the client closed, to park the connection.
+    parked: bool,
+    /// The last write or flush could not complete: hyper may hold bytes that
+    /// the client has not taken yet, so the connection must not park.
+    write_blocked: bool,
     /// Bytes moved, added to the frontend's counters when the connection ends.
     bytes_in: u64,
     bytes_out: u64,
@@ -163,7 +175,7 @@ impl<S> ClientIo<S> {
             protocol: if http2 {
                 Protocol::Http2
             } else {
-                Protocol::Unknown
+                Protocol::Http1
             },
             head_started: now,
             head_bytes: false,
@@ -171,27 +183,47 @@ impl<S> ClientIo<S> {
             timer: Box::pin(tokio::time::sleep_until(now + timeouts.request_header)),
             closing: None,
             replacing: None,
+            replay: None,
+            armed: false,
+            parked: false,
+            write_blocked: false,
             bytes_in: 0,
             bytes_out: 0,
             stats,
         }
     }
 
-    fn note_read(&mut self, bytes: &[u8], count: usize) {
+    /// The client spoke h2c's preface: no head timer, no parking.
+    pub fn set_http2(&mut self) {
+        self.protocol = Protocol::Http2;
+        self.armed = false;
+        self.activity.head_pending.store(false, Ordering::Release);
+    }
+
+    /// Keeps bytes read before hyper's connection starts, for hyper to read
+    /// first, and lets the connection park once idle again. Returns the bytes.
+    pub fn replay(&mut self, bytes: BytesMut) -> &[u8] {
+        self.armed = self.protocol == Protocol::Http1;
+        self.replay.insert(bytes)
+    }
+
+    /// After hyper's connection ended: whether it ended because the connection
+    /// was parked (the socket is open and waits for the next request). `unread`
+    /// is what hyper had read but not used, read again first.
+    pub fn unpark(&mut self, unread: &[u8]) -> bool {
+        if !std::mem::take(&mut self.parked) {
+            return false;
+        }
+        if !unread.is_empty() {
+            self.replay = Some(BytesMut::from(unread));
+        }
+        true
+    }
+
+    fn note_read(&mut self, count: usize) {
         self.bytes_in += count as u64;
         let now = Instant::now();
         self.last_active = now;
-        if self.protocol == Protocol::Unknown {
-            let n = bytes.len().min(PREFACE_START.len());
-            self.protocol = if bytes[..n] == PREFACE_START[..n] {
-                Protocol::Http2
-            } else {
-                Protocol::Http1
-            };
-            if self.protocol == Protocol::Http2 {
-                self.activity.head_pending.store(false, Ordering::Release);
-            }
-        }
         if self.protocol == Protocol::Http2 {
             return;
         }
@@ -207,15 +239,45 @@ impl<S> ClientIo<S> {
 
     /// When the connection must give up, if nothing happens before.
     fn deadline(&self) -> Instant {
+        // (The head timer and parking concern HTTP/1.1 only.)
         if self.protocol != Protocol::Http2 && self.activity.head_pending.load(Ordering::Acquire) {
             self.head_started + self.timeouts.request_header
         } else if self.activity.idle() {
-            self.last_active + self.timeouts.client_idle
+            let idle = self.last_active + self.timeouts.client_idle;
+            if self.armed {
+                idle.min(self.last_active + PARK_AFTER)
+            } else {
+                idle
+            }
         } else {
             // A request is in flight: nothing expires, but look again later in
             // case the connection goes idle without another read.
             Instant::now() + self.timeouts.client_idle
         }
+    }
+}
+
+impl<S> ClientIo<S> {
+    /// Runs one write or flush on the stream, noting whether it blocked.
+    fn blocking<T>(
+        &mut self,
+        op: impl FnOnce(&mut S) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let poll = op(&mut self.inner);
+        self.write_blocked = poll.is_pending();
+        poll
+    }
+
+    /// An idle HTTP/1.1 connection, within its idle timeout, that has waited
+    /// [`PARK_AFTER`] for its next request.
+    fn may_park(&self, now: Instant) -> bool {
+        self.armed
+            && self.protocol == Protocol::Http1
+            && !self.activity.head_pending.load(Ordering::Acquire)
+            && self.activity.idle()
+            && !self.write_blocked
+            && now >= self.last_active + PARK_AFTER
+            && now < self.last_active + self.timeouts.client_idle
     }
 }
 
@@ -249,23 +311,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
             let _ = ready!(this.poll_close_with_408(cx));
             return Poll::Ready(Ok(()));
         }
+        if let Some(replay) = &mut this.replay {
+            // Already counted when read from the socket.
+            let n = replay.len().min(buf.remaining());
+            buf.put_slice(&replay.split_to(n));
+            if replay.is_empty() {
+                this.replay = None;
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    let filled = &buf.filled()[before..];
-                    // Copy out the few bytes protocol detection needs.
-                    let mut head = [0u8; 14];
-                    let n = filled.len().min(head.len());
-                    head[..n].copy_from_slice(&filled[..n]);
-                    this.note_read(&head[..n], filled.len());
+                let count = buf.filled().len() - before;
+                if count > 0 {
+                    this.note_read(count);
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
             Poll::Pending => loop {
                 let deadline = this.deadline();
-                if deadline <= Instant::now() {
+                let now = Instant::now();
+                if deadline <= now {
+                    if this.may_park(now) {
+                        // End of stream for hyper, which then ends its
+                        // connection without shutting the socket down.
+                        this.armed = false;
+                        this.parked = true;
+                        return Poll::Ready(Ok(()));
+                    }
                     if this.protocol != Protocol::Http2
                         && this.activity.head_pending.load(Ordering::Acquire)
                         && this.head_bytes
@@ -334,7 +409,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         if this.intercept(buf) {
             return Poll::Ready(Ok(buf.len()));
         }
-        let written = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        let written = ready!(this.blocking(|inner| Pin::new(inner).poll_write(cx, buf)))?;
         this.bytes_out += written as u64;
         this.last_active = Instant::now();
         Poll::Ready(Ok(written))
@@ -351,7 +426,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         {
             return Poll::Ready(Ok(bufs.iter().map(|buf| buf.len()).sum()));
         }
-        let written = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        let written = ready!(this.blocking(|inner| Pin::new(inner).poll_write_vectored(cx, bufs)))?;
         this.bytes_out += written as u64;
         this.last_active = Instant::now();
         Poll::Ready(Ok(written))
@@ -364,11 +439,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_write_replacement(cx))?;
-        Pin::new(&mut this.inner).poll_flush(cx)
+        this.blocking(|inner| Pin::new(inner).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.parked {
+            // hyper ends a parked connection as if the client had closed it;
+            // the socket stays open for the next request.
+            return Poll::Ready(Ok(()));
+        }
         ready!(this.poll_write_replacement(cx))?;
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }

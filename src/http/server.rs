@@ -1,13 +1,21 @@
 //! Serving one client connection with hyper: HTTP/1.1 with keep-alive and h2c
-//! (prior knowledge), told apart by the connection preface.
+//! (prior knowledge), told apart by the connection preface; h2 when TLS
+//! negotiated it.
+//!
+//! An HTTP/1.1 connection that has been idle for [`PARK_AFTER`](super::conn::PARK_AFTER) gives its hyper
+//! state back (hyper keeps an 8 KiB read and an 8 KiB write buffer for as long
+//! as a connection lives): [`ClientIo`] ends hyper's connection as if the
+//! client had closed, without closing the socket, and the next request starts
+//! a fresh one. Idle keep-alive connections then cost a few KiB each.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use bytes::BytesMut;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{ClientIo, ClientTimeouts};
@@ -17,25 +25,35 @@ use crate::config;
 /// hyper refuses a read buffer smaller than this; heads up to it are accepted.
 const MIN_HEAD_BUFFER: usize = 8192;
 
-pub type ServerBuilder = auto::Builder<TokioExecutor>;
+/// The most read at once while no hyper connection is running (the first bytes
+/// of a connection, or of a request on a parked one); hyper reads the rest.
+const FIRST_READ: usize = 4096;
+
+/// What an h2c client with prior knowledge sends first (RFC 9113 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The hyper server settings for one frontend, built once and shared by its
 /// connections.
+#[derive(Debug)]
+pub struct ServerBuilder {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
 pub fn builder(frontend: &config::Frontend) -> ServerBuilder {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         // flowgate's own head timer answers 408; hyper's would also cut idle
         // keep-alive connections and answer nothing.
         .header_read_timeout(None)
         .keep_alive(true)
         .max_buf_size(frontend.limits.max_header_bytes.max(MIN_HEAD_BUFFER));
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(frontend.limits.max_header_bytes).unwrap_or(u32::MAX));
-    builder
+    ServerBuilder { http1, http2 }
 }
 
 /// Serves one client connection until it closes, or until `shutdown` asks it to
@@ -51,7 +69,7 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = ClientIo::new(
+    let mut io = ClientIo::new(
         stream,
         Arc::clone(&ctx.activity),
         timeouts,
@@ -62,16 +80,99 @@ pub async fn serve<S>(
         let ctx = Arc::clone(&ctx);
         async move { Ok::<_, Infallible>(handle(ctx, request).await) }
     });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
+    let http2 = http2 || {
+        // Without TLS, the first bytes tell HTTP/1.1 from h2c's preface.
+        let Some(first) = first_bytes(&mut io, &shutdown, true).await else {
+            return;
+        };
+        first.starts_with(H2_PREFACE)
     };
-    if let Err(err) = result {
-        tracing::debug!(error = %err, "client connection ended with an error");
+    if http2 {
+        io.set_http2();
+        let mut connection = builder.http2.serve_connection(TokioIo::new(io), service);
+        let result = tokio::select! {
+            result = &mut connection => result,
+            () = shutdown.cancelled() => {
+                std::pin::Pin::new(&mut connection).graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(err) = result {
+            tracing::debug!(error = %err, "client connection ended with an error");
+        }
+        return;
+    }
+    // HTTP/1.1: one hyper connection after another on the same socket, parked
+    // (no hyper state) in between.
+    loop {
+        let mut connection = builder
+            .http1
+            .serve_connection(TokioIo::new(io), service.clone())
+            .with_upgrades();
+        let result = tokio::select! {
+            result = &mut connection => result,
+            () = shutdown.cancelled() => {
+                std::pin::Pin::new(&mut connection).graceful_shutdown();
+                (&mut connection).await
+            }
+        };
+        if let Err(err) = result {
+            tracing::debug!(error = %err, "client connection ended with an error");
+            return;
+        }
+        // None: upgraded, the tunnel owns the socket now.
+        let Some(parts) = connection.into_parts() else {
+            return;
+        };
+        io = parts.io.into_inner();
+        if !io.unpark(&parts.read_buf) {
+            // Closed, not parked.
+            return;
+        }
+        if first_bytes(&mut io, &shutdown, false).await.is_none() {
+            return;
+        }
+    }
+}
+
+/// Waits for the first bytes of the next request (within the connection's
+/// timers) and keeps them for hyper to read again; returns them. `None` when
+/// the connection ended: the client closed it, the idle or head timer expired,
+/// or flowgate is stopping. With `preface`, reads on while what came so far
+/// could still be h2c's preface, so that the caller can tell.
+async fn first_bytes<'a, S>(
+    io: &'a mut ClientIo<S>,
+    shutdown: &CancellationToken,
+    preface: bool,
+) -> Option<&'a [u8]>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if shutdown.is_cancelled() {
+        let _ = io.shutdown().await;
+        return None;
+    }
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    loop {
+        let read = tokio::select! {
+            read = io.read_buf(&mut buf) => read,
+            () = shutdown.cancelled() => Ok(0),
+        };
+        match read {
+            Ok(n) if n > 0 => {
+                let more = preface && buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf);
+                if !more {
+                    return Some(io.replay(buf));
+                }
+            }
+            Ok(_) => {
+                let _ = io.shutdown().await;
+                return None;
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "client connection ended with an error");
+                return None;
+            }
+        }
     }
 }
