@@ -360,6 +360,18 @@ pub type ServerStream = MaybeTls<tokio_rustls::client::TlsStream<tokio::net::Tcp
 /// A client's connection.
 pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
 
+impl ClientStream {
+    /// Ready when the client has sent something (or closed), without reading
+    /// it. A TLS stream must hold no decrypted bytes that were not read yet:
+    /// true once a read has returned `Pending`.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            MaybeTls::Plain(stream) => stream.poll_read_ready(cx),
+            MaybeTls::Tls(stream) => stream.get_ref().0.poll_read_ready(cx),
+        }
+    }
+}
+
 macro_rules! delegate {
     ($self:ident, $stream:ident => $call:expr) => {
         match $self.get_mut() {

@@ -24,7 +24,7 @@ use crate::metrics::FrontendStats;
 /// parked: hyper's connection (with its 8 KiB read and write buffers) ends as
 /// if the client had closed, the socket stays open, and the next request
 /// starts a fresh hyper connection (see `http::server`).
-pub const PARK_AFTER: Duration = Duration::from_millis(250);
+pub const PARK_AFTER: Duration = Duration::from_millis(20);
 
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\n\
 content-type: text/plain; charset=utf-8\r\n\
@@ -214,10 +214,25 @@ impl<S> ClientIo<S> {
         if !std::mem::take(&mut self.parked) {
             return false;
         }
+        self.armed = true;
         if !unread.is_empty() {
             self.replay = Some(BytesMut::from(unread));
         }
         true
+    }
+
+    /// Bytes are waiting to be read again (see [`ClientIo::replay`]).
+    pub fn has_replay(&self) -> bool {
+        self.replay.is_some()
+    }
+
+    /// When an idle connection is closed.
+    pub fn idle_deadline(&self) -> Instant {
+        self.last_active + self.timeouts.client_idle
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
     }
 
     fn note_read(&mut self, count: usize) {
@@ -337,6 +352,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
                     if this.may_park(now) {
                         // End of stream for hyper, which then ends its
                         // connection without shutting the socket down.
+                        tracing::trace!("parking an idle connection");
                         this.armed = false;
                         this.parked = true;
                         return Poll::Ready(Ok(()));
@@ -439,7 +455,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_write_replacement(cx))?;
-        this.blocking(|inner| Pin::new(inner).poll_flush(cx))
+        ready!(this.blocking(|inner| Pin::new(inner).poll_flush(cx)))?;
+        if this.armed && this.activity.idle() {
+            // A response has just gone out whole and hyper's read is already
+            // waiting on a later deadline: wake up in time to park.
+            let park = this.last_active + PARK_AFTER;
+            if park < this.timer.deadline() || this.timer.is_elapsed() {
+                this.timer.as_mut().reset(park);
+            }
+            let _ = this.timer.as_mut().poll(cx);
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

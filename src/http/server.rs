@@ -2,11 +2,12 @@
 //! (prior knowledge), told apart by the connection preface; h2 when TLS
 //! negotiated it.
 //!
-//! An HTTP/1.1 connection that has been idle for [`PARK_AFTER`](super::conn::PARK_AFTER) gives its hyper
-//! state back (hyper keeps an 8 KiB read and an 8 KiB write buffer for as long
-//! as a connection lives): [`ClientIo`] ends hyper's connection as if the
-//! client had closed, without closing the socket, and the next request starts
-//! a fresh one. Idle keep-alive connections then cost a few KiB each.
+//! An HTTP/1.1 connection idle for [`PARK_AFTER`](super::conn::PARK_AFTER)
+//! parks: hyper keeps an 8 KiB read and an 8 KiB write buffer for as long as
+//! its connection lives, so [`ClientIo`] ends hyper's connection as if the
+//! client had closed, without closing the socket; the task then waits for the
+//! socket to become readable, with no buffer, and the next request starts a
+//! fresh hyper connection. Idle keep-alive connections cost a few KiB each.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,13 +22,14 @@ use tokio_util::sync::CancellationToken;
 use super::conn::{ClientIo, ClientTimeouts};
 use super::proxy::{ConnContext, handle};
 use crate::config;
+use crate::tls::ClientStream;
 
 /// hyper refuses a read buffer smaller than this; heads up to it are accepted.
 const MIN_HEAD_BUFFER: usize = 8192;
 
-/// The most read at once while no hyper connection is running (the first bytes
-/// of a connection, or of a request on a parked one); hyper reads the rest.
-const FIRST_READ: usize = 4096;
+/// The most read of a connection's first bytes before hyper's connection
+/// starts: enough to tell h2c's preface; hyper reads the rest.
+const FIRST_READ: usize = H2_PREFACE.len();
 
 /// What an h2c client with prior knowledge sends first (RFC 9113 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -59,16 +61,14 @@ pub fn builder(frontend: &config::Frontend) -> ServerBuilder {
 /// Serves one client connection until it closes, or until `shutdown` asks it to
 /// finish: then in-flight requests complete and the connection closes. `http2`
 /// when TLS negotiated h2 by ALPN.
-pub async fn serve<S>(
-    stream: S,
+pub async fn serve(
+    stream: ClientStream,
     ctx: Arc<ConnContext>,
     builder: Arc<ServerBuilder>,
     timeouts: ClientTimeouts,
     shutdown: CancellationToken,
     http2: bool,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let mut io = ClientIo::new(
         stream,
         Arc::clone(&ctx.activity),
@@ -82,18 +82,19 @@ pub async fn serve<S>(
     });
     let http2 = http2 || {
         // Without TLS, the first bytes tell HTTP/1.1 from h2c's preface.
-        let Some(first) = first_bytes(&mut io, &shutdown, true).await else {
+        let Some(first) = first_bytes(&mut io, &shutdown).await else {
             return;
         };
         first.starts_with(H2_PREFACE)
     };
     if http2 {
         io.set_http2();
-        let mut connection = builder.http2.serve_connection(TokioIo::new(io), service);
+        // Boxed, like HTTP/1.1's below: the task's own state stays small.
+        let mut connection = Box::new(builder.http2.serve_connection(TokioIo::new(io), service));
         let result = tokio::select! {
             result = &mut connection => result,
             () = shutdown.cancelled() => {
-                std::pin::Pin::new(&mut connection).graceful_shutdown();
+                std::pin::Pin::new(&mut *connection).graceful_shutdown();
                 connection.await
             }
         };
@@ -105,14 +106,17 @@ pub async fn serve<S>(
     // HTTP/1.1: one hyper connection after another on the same socket, parked
     // (no hyper state) in between.
     loop {
-        let mut connection = builder
-            .http1
-            .serve_connection(TokioIo::new(io), service.clone())
-            .with_upgrades();
+        // Boxed, so that a parked connection's task holds none of it.
+        let mut connection = Box::new(
+            builder
+                .http1
+                .serve_connection(TokioIo::new(io), service.clone())
+                .with_upgrades(),
+        );
         let result = tokio::select! {
             result = &mut connection => result,
             () = shutdown.cancelled() => {
-                std::pin::Pin::new(&mut connection).graceful_shutdown();
+                std::pin::Pin::new(&mut *connection).graceful_shutdown();
                 (&mut connection).await
             }
         };
@@ -120,30 +124,46 @@ pub async fn serve<S>(
             tracing::debug!(error = %err, "client connection ended with an error");
             return;
         }
-        // None: upgraded, the tunnel owns the socket now.
-        let Some(parts) = connection.into_parts() else {
-            return;
+        let parked = {
+            // Everything of hyper's connection is freed at the end of this
+            // block, before the wait.
+            let connection = connection;
+            // None: upgraded, the tunnel owns the socket now.
+            let Some(parts) = (*connection).into_parts() else {
+                return;
+            };
+            io = parts.io.into_inner();
+            io.unpark(&parts.read_buf)
         };
-        io = parts.io.into_inner();
-        if !io.unpark(&parts.read_buf) {
+        if !parked {
             // Closed, not parked.
             return;
         }
-        if first_bytes(&mut io, &shutdown, false).await.is_none() {
+        if !io.has_replay() && !wait_parked(&io, &shutdown).await {
+            let _ = io.shutdown().await;
             return;
         }
     }
 }
 
-/// Waits for the first bytes of the next request (within the connection's
-/// timers) and keeps them for hyper to read again; returns them. `None` when
-/// the connection ended: the client closed it, the idle or head timer expired,
-/// or flowgate is stopping. With `preface`, reads on while what came so far
-/// could still be h2c's preface, so that the caller can tell.
+/// Waits, parked, for the client's next request: true when it sends
+/// something (or closes, which hyper then sees), false when the idle timeout
+/// expires or flowgate is stopping.
+async fn wait_parked(io: &ClientIo<ClientStream>, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        ready = std::future::poll_fn(|cx| io.get_ref().poll_read_ready(cx)) => ready.is_ok(),
+        () = tokio::time::sleep_until(io.idle_deadline()) => false,
+        () = shutdown.cancelled() => false,
+    }
+}
+
+/// Reads a connection's first bytes (within its head timer) while they could
+/// still be h2c's preface, and keeps them for hyper to read again; returns
+/// them. `None` when the connection ended: the client closed it, the timer
+/// expired, or flowgate is stopping.
 async fn first_bytes<'a, S>(
     io: &'a mut ClientIo<S>,
     shutdown: &CancellationToken,
-    preface: bool,
 ) -> Option<&'a [u8]>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -152,17 +172,19 @@ where
         let _ = io.shutdown().await;
         return None;
     }
-    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    let mut buf = [0u8; FIRST_READ];
+    let mut len = 0;
     loop {
         let read = tokio::select! {
-            read = io.read_buf(&mut buf) => read,
+            read = io.read(&mut buf[len..]) => read,
             () = shutdown.cancelled() => Ok(0),
         };
         match read {
             Ok(n) if n > 0 => {
-                let more = preface && buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf);
+                len += n;
+                let more = len < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf[..len]);
                 if !more {
-                    return Some(io.replay(buf));
+                    return Some(io.replay(BytesMut::from(&buf[..len])));
                 }
             }
             Ok(_) => {
