@@ -13,6 +13,11 @@ use flowgate::demo::DemoEngine;
 use flowgate::supervisor::Proxy;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc: less CPU per request than the system allocator in benches/load.sh,
+/// and it hands freed pages back to the system (see docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "flowgate",
