@@ -283,6 +283,16 @@ impl<S> ClientIo<S> {
         poll
     }
 
+    /// Arms the connection's one timer for `deadline` and registers the task
+    /// to be woken. A later deadline waits for the armed timer to fire first
+    /// (it is looked at again then), so most calls reset nothing.
+    fn arm_timer(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        if deadline < self.timer.deadline() || self.timer.is_elapsed() {
+            self.timer.as_mut().reset(deadline);
+        }
+        self.timer.as_mut().poll(cx)
+    }
+
     /// An idle HTTP/1.1 connection, within its idle timeout, that has waited
     /// [`PARK_AFTER`] for its next request.
     fn may_park(&self, now: Instant) -> bool {
@@ -368,11 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
                     // Idle, or a connection that never sent a byte: close quietly.
                     return Poll::Ready(Ok(()));
                 }
-                // A later deadline waits for the armed timer to fire first.
-                if deadline < this.timer.deadline() || this.timer.is_elapsed() {
-                    this.timer.as_mut().reset(deadline);
-                }
-                if this.timer.as_mut().poll(cx).is_pending() {
+                if this.arm_timer(deadline, cx).is_pending() {
                     return Poll::Pending;
                 }
             },
@@ -459,11 +465,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         if this.armed && this.activity.idle() {
             // A response has just gone out whole and hyper's read is already
             // waiting on a later deadline: wake up in time to park.
-            let park = this.last_active + PARK_AFTER;
-            if park < this.timer.deadline() || this.timer.is_elapsed() {
-                this.timer.as_mut().reset(park);
-            }
-            let _ = this.timer.as_mut().poll(cx);
+            let _ = this.arm_timer(this.last_active + PARK_AFTER, cx);
         }
         Poll::Ready(Ok(()))
     }
