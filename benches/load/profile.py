@@ -15,6 +15,8 @@
 import re
 import sys
 
+from results import read_meta  # benches/load/results.py: key<TAB>value lines
+
 FRAME_MAX = 200
 SYMBOL_MAX = 120
 TOP = 25
@@ -140,15 +142,6 @@ def crate_group(symbol):
         if crate in prefixes:
             return label
     return "other crates"
-
-
-def read_meta(path):
-    meta = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            key, _, value = line.rstrip("\n").partition("\t")
-            meta[key] = value
-    return meta
 
 
 def read_report(path):
