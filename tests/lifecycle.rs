@@ -18,8 +18,14 @@ use tokio::io::AsyncWriteExt;
 const SLOW_BODY_BYTES: usize = 256 * 1024;
 
 fn config(origin: SocketAddr, grace_period: &str) -> String {
+    config_with_threads(origin, grace_period, 0)
+}
+
+/// [`config`] with `global.threads` (0: one worker per core; 1: the
+/// single-thread scheduler).
+fn config_with_threads(origin: SocketAddr, grace_period: &str, threads: usize) -> String {
     format!(
-        "[global]\ngrace_period = \"{grace_period}\"\n\n\
+        "[global]\ngrace_period = \"{grace_period}\"\nthreads = {threads}\n\n\
          [frontends.web]\nbind = [\"127.0.0.1:0\"]\nbackend = \"pool\"\n\n\
          [backends.pool]\n\n{}",
         servers_toml("pool", &[origin])
@@ -47,13 +53,13 @@ async fn try_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String>
     Ok((status, body.to_vec()))
 }
 
-async fn graceful_stop_finishes_in_flight_requests(signal: &str) {
+async fn graceful_stop_finishes_in_flight_requests(signal: &str, threads: usize) {
     let origin = Origin::start(|_| async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         Response::new(full(vec![b'x'; SLOW_BODY_BYTES]))
     })
     .await;
-    let mut flowgate = FlowgateProcess::run(&config(origin.addr, "30s"));
+    let mut flowgate = FlowgateProcess::run(&config_with_threads(origin.addr, "30s", threads));
     let addr = flowgate.frontend_addr("web").await;
 
     let in_flight = tokio::spawn(async move { try_get(addr, "/slow").await });
@@ -92,12 +98,17 @@ async fn graceful_stop_finishes_in_flight_requests(signal: &str) {
 
 #[tokio::test]
 async fn sigterm_stops_gracefully() {
-    graceful_stop_finishes_in_flight_requests("TERM").await;
+    graceful_stop_finishes_in_flight_requests("TERM", 0).await;
 }
 
 #[tokio::test]
 async fn sigint_stops_gracefully() {
-    graceful_stop_finishes_in_flight_requests("INT").await;
+    graceful_stop_finishes_in_flight_requests("INT", 0).await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_gracefully_with_one_worker_thread() {
+    graceful_stop_finishes_in_flight_requests("TERM", 1).await;
 }
 
 #[tokio::test]
