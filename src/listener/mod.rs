@@ -193,8 +193,9 @@ impl Listener {
                                 None => ClientStream::Plain(stream),
                                 Some(tls) => {
                                     let limit = timeouts.request_header;
-                                    match handshake(stream, tls, client, limit).await {
-                                        Some(stream) => ClientStream::Tls(Box::new(stream)),
+                                    // Boxed and pinned as in HttpConnection::serve.
+                                    match Box::pin(handshake(stream, tls, client, limit)).await {
+                                        Some(stream) => ClientStream::Tls(stream),
                                         None => {
                                             let failures = &frontend.stats.tls_handshake_failures;
                                             failures.fetch_add(1, Ordering::Relaxed);
@@ -204,7 +205,10 @@ impl Listener {
                                 }
                             };
                             let idle = timeouts.client_idle;
-                            tcp::session(stream, client, frontend, idle, access_log).await;
+                            std::pin::pin!(tcp::session(
+                                stream, client, frontend, idle, access_log
+                            ))
+                            .await;
                         };
                         tokio::select! {
                             () = session => {}
@@ -239,13 +243,17 @@ impl HttpConnection {
             None => (ClientStream::Plain(stream), false, false),
             Some(tls) => {
                 let limit = self.timeouts.request_header;
-                let Some(stream) = handshake(stream, tls, self.client, limit).await else {
+                // Boxed: the handshake's state (rustls' connection mid-way) is
+                // large and needed only until the handshake ends; unboxed it
+                // would size every connection's task, plain ones too.
+                let handshake = Box::pin(handshake(stream, tls, self.client, limit));
+                let Some(stream) = handshake.await else {
                     let failures = &self.open.stats().tls_handshake_failures;
                     failures.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
                 let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                (ClientStream::Tls(Box::new(stream)), true, http2)
+                (ClientStream::Tls(stream), true, http2)
             }
         };
         let (builder, timeouts) = (Arc::clone(&self.builder), self.timeouts);
@@ -261,7 +269,10 @@ impl HttpConnection {
             connection: self.open,
             access_log: self.access_log,
         });
-        server::serve(stream, ctx, builder, timeouts, drain, http2).await;
+        // Pinned in place: a future awaited by value would be stored twice in
+        // this one's state, and that state is held per connection.
+        let serving = std::pin::pin!(server::serve(stream, ctx, builder, timeouts, drain, http2));
+        serving.await;
     }
 }
 
@@ -272,9 +283,9 @@ async fn handshake(
     tls: Arc<rustls::ServerConfig>,
     client: SocketAddr,
     limit: Duration,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<Box<tokio_rustls::server::TlsStream<TcpStream>>> {
     match tokio::time::timeout(limit, tokio_rustls::TlsAcceptor::from(tls).accept(stream)).await {
-        Ok(Ok(stream)) => Some(stream),
+        Ok(Ok(stream)) => Some(Box::new(stream)),
         Ok(Err(err)) => {
             tracing::debug!(%client, error = %err, "TLS handshake failed");
             None
