@@ -2,6 +2,7 @@
 //! with its body wrapped so the server's in-flight count and pooled connection
 //! are released when the body ends.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -51,8 +52,12 @@ pub struct ConnContext {
     pub access_log: Option<Arc<AccessLog>>,
 }
 
-/// The service hyper calls for each request.
-pub async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Response<ResponseBody> {
+/// The service hyper calls for each request. It never fails: every error
+/// becomes an answer to the client.
+pub async fn handle(
+    ctx: Arc<ConnContext>,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
     let started = Instant::now();
     let active = ctx.activity.begin_request();
     ctx.connection
@@ -73,7 +78,10 @@ pub async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Respon
         }
         response
     } else {
-        forward(&ctx, request, &mut trace)
+        // Awaited through a pinned reference, here and in `forward` and `send`:
+        // a future awaited by value is stored twice in its caller's state, and
+        // this state is moved (h2: into a task of its own) for every request.
+        std::pin::pin!(forward(&ctx, request, &mut trace))
             .await
             .unwrap_or_else(|err| {
                 tracing::warn!(
@@ -89,7 +97,7 @@ pub async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Respon
             })
     };
     let status = response.status().as_u16();
-    response.map(|body| {
+    Ok(response.map(|body| {
         let body = body.track(active);
         match &ctx.access_log {
             None => body,
@@ -113,7 +121,7 @@ pub async fn handle(ctx: Arc<ConnContext>, request: Request<Incoming>) -> Respon
                 started,
             }),
         }
-    })
+    }))
 }
 
 /// What a request met on its way, for the access log.
@@ -191,7 +199,8 @@ async fn forward(
     };
     let request = Request::from_parts(parts, body);
     let key = key.as_ref().map(RequestKey::as_bytes);
-    let (mut response, guard, connection) = send(ctx, &backend, key, request, trace).await?;
+    let (mut response, guard, connection) =
+        std::pin::pin!(send(ctx, &backend, key, request, trace)).await?;
 
     if tunnel && response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let server_upgrade = hyper::upgrade::on(&mut response);
@@ -322,7 +331,7 @@ async fn send(
     let mut retries_left = backend.config.retries;
     let mut failed: Option<Arc<Server>> = None;
     loop {
-        let guard = backend.acquire_retry(&pick, failed.as_ref()).await?;
+        let guard = std::pin::pin!(backend.acquire_retry(&pick, failed.as_ref())).await?;
         let server = Arc::clone(guard.server());
         trace.server = Some(Arc::clone(&server.name));
         trace.retries = backend.config.retries - retries_left;
@@ -334,7 +343,11 @@ async fn send(
             backend.stats.retries.fetch_add(1, Ordering::Relaxed);
             true
         };
-        let mut connection = match server.pool.checkout().await {
+        let checkout = {
+            let checkout = std::pin::pin!(server.pool.checkout());
+            checkout.await
+        };
+        let mut connection = match checkout {
             Ok(connection) => connection,
             Err(err) => {
                 tracing::warn!(backend = %backend.name, server = %server.name, error = %err, "cannot connect to server");
@@ -351,7 +364,11 @@ async fn send(
         let spare = (replayable && retries_left > 0).then(|| copy_head(&request));
         let timeout = backend.config.timeouts.response;
         let sent = std::time::Instant::now();
-        match tokio::time::timeout(timeout, connection.send(request)).await {
+        let sent_result = {
+            let send = std::pin::pin!(tokio::time::timeout(timeout, connection.send(request)));
+            send.await
+        };
+        match sent_result {
             Err(_) => {
                 // At least this slow: p2c should know.
                 server.state.record_response_time(timeout);

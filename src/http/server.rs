@@ -9,7 +9,6 @@
 //! socket to become readable, with no buffer, and the next request starts a
 //! fresh hyper connection. Idle keep-alive connections cost a few KiB each.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -76,10 +75,9 @@ pub async fn serve(
         http2,
         Arc::clone(ctx.connection.stats()),
     );
-    let service = service_fn(move |request| {
-        let ctx = Arc::clone(&ctx);
-        async move { Ok::<_, Infallible>(handle(ctx, request).await) }
-    });
+    // handle's future itself, not one wrapping it: that would hold it twice,
+    // and hyper moves the service's future for every request.
+    let service = service_fn(move |request| handle(Arc::clone(&ctx), request));
     let http2 = http2 || {
         // Without TLS, the first bytes tell HTTP/1.1 from h2c's preface.
         let Some(first) = first_bytes(&mut io, &shutdown).await else {

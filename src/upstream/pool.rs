@@ -121,6 +121,12 @@ impl Pool {
                 return Ok(Connection::new(Sender::Http1(idle.sender), self, true));
             }
         }
+        // Boxed: connecting (and a TLS handshake) is the rare path, and its
+        // state would otherwise size every request's future.
+        Box::pin(self.open_http1()).await
+    }
+
+    async fn open_http1(self: &Arc<Self>) -> Result<Connection, ConnectError> {
         let stream = self.connect().await?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -139,6 +145,11 @@ impl Pool {
         {
             return Ok(Connection::new(Sender::H2(sender.clone()), self, true));
         }
+        // Boxed, as for HTTP/1.1.
+        Box::pin(self.open_h2()).await
+    }
+
+    async fn open_h2(self: &Arc<Self>) -> Result<Connection, ConnectError> {
         let stream = self.connect().await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
