@@ -30,3 +30,4 @@ pub mod runtime;
 pub mod supervisor;
 pub mod tls;
 pub mod upstream;
+pub mod workers;

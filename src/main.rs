@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use flowgate::config::{self, Config, LogFormat};
 use flowgate::demo::DemoEngine;
 use flowgate::supervisor::Proxy;
+use flowgate::workers::Workers;
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc: less CPU per request than the system allocator in benches/load.sh,
@@ -68,16 +69,19 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             };
             init_logging(config.global.log_format);
-            let Some(runtime) = build_runtime(config.global.threads) else {
+            let Some((runtime, workers)) = build_runtime(config.global.threads) else {
                 return ExitCode::from(1);
             };
-            let code = runtime.block_on(flowgate::supervisor::run(config));
+            let handles = workers.handles().to_vec();
+            let code = runtime.block_on(flowgate::supervisor::run(config, handles));
+            // Stops the worker threads before the main runtime goes.
+            drop(workers);
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
         Command::HashToken => hash_token(),
         Command::Demo { listen } => {
             init_logging(LogFormat::Text);
-            let Some(runtime) = build_runtime(0) else {
+            let Some((runtime, _workers)) = build_runtime(1) else {
                 return ExitCode::from(1);
             };
             match runtime.block_on(demo(listen)) {
@@ -140,24 +144,22 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// The runtime for `threads` workers (0: one per core). A single worker runs on
-/// the current-thread scheduler: with no other worker to hand tasks to, it skips
-/// the work-stealing scheduler's queues and cross-thread wake-ups (measured in
-/// docs/performance.md: 7-20 % less CPU per request).
-fn build_runtime(threads: usize) -> Option<tokio::runtime::Runtime> {
+/// The runtime flowgate starts on and, for `threads` (0: one per core) above
+/// one, the worker threads that serve beside it. Each thread runs tokio's
+/// current-thread scheduler and serves the connections it accepted (see
+/// `flowgate::workers`): no run queues shared between threads and no
+/// cross-thread wake-ups on the request path (measured in docs/performance.md).
+fn build_runtime(threads: usize) -> Option<(tokio::runtime::Runtime, Workers)> {
     let threads = match threads {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n,
     };
-    let mut builder = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(threads);
-        builder
-    };
-    match builder.enable_all().build() {
-        Ok(runtime) => Some(runtime),
+    let built = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .and_then(|runtime| Ok((runtime, Workers::start(threads - 1)?)));
+    match built {
+        Ok(built) => Some(built),
         Err(err) => {
             eprintln!("flowgate: cannot start the runtime: {err}");
             None

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -155,12 +157,24 @@ pub struct Proxy {
     checks: HealthChecks,
     reloads: Arc<ReloadStats>,
     background: CancellationToken,
+    /// Worker runtimes that accept (and serve) too, besides the one the proxy
+    /// was started on.
+    workers: Vec<Handle>,
 }
 
 impl Proxy {
     /// Binds every listener of `config`, runs the first health checks and starts
-    /// serving.
+    /// serving, on the current runtime only.
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        Proxy::start_with_workers(config, Vec::new()).await
+    }
+
+    /// [`Proxy::start`], with every listener also accepting on each of
+    /// `workers` (the runtimes of [`crate::workers::Workers`]).
+    pub async fn start_with_workers(
+        config: Config,
+        workers: Vec<Handle>,
+    ) -> Result<Proxy, StartError> {
         let config = Arc::new(config);
         let sockets = bind_all(listener_keys(&config))?;
         let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(Runtime::build(
@@ -202,6 +216,7 @@ impl Proxy {
             checks,
             reloads,
             background,
+            workers,
         };
         proxy.update_frontend_limits(&config);
         for (key, frontend, socket) in sockets {
@@ -360,6 +375,26 @@ impl Proxy {
             &self.shared.shutdown,
         ));
         tracing::info!(frontend = %frontend.name, %addr, "listening");
+        // The same socket on every worker: the kernel hands each new connection
+        // to one of the accept loops, and it is served on that thread.
+        for worker in &self.workers {
+            let socket = match socket.as_fd().try_clone_to_owned() {
+                Ok(fd) => std::net::TcpListener::from(fd),
+                Err(err) => {
+                    tracing::warn!(frontend = %frontend.name, %addr, error = %err, "a worker cannot share the listening socket");
+                    continue;
+                }
+            };
+            let (control, shared) = (Arc::clone(&control), self.shared.clone());
+            let accept = self.accept_loops.track_future(async move {
+                // Registered with the worker's own I/O driver, on the worker.
+                match TcpListener::from_std(socket) {
+                    Ok(listener) => Listener { listener, control }.run(shared).await,
+                    Err(err) => tracing::warn!(error = %err, "a worker cannot accept"),
+                }
+            });
+            worker.spawn(accept);
+        }
         self.accept_loops.spawn(
             Listener {
                 listener: socket,
@@ -534,7 +569,7 @@ pub type ReloadHandle = mpsc::Sender<ReloadRequest>;
 /// config file or the files it names, and on `POST /api/v1/reload`, then stops
 /// gracefully. Serves the admin listener when the config has one. Returns the
 /// process exit code.
-pub async fn run(config: Config) -> i32 {
+pub async fn run(config: Config, workers: Vec<Handle>) -> i32 {
     use tokio::signal::unix::{SignalKind, signal};
 
     // Handlers first: a signal during start must not kill the process.
@@ -579,7 +614,7 @@ pub async fn run(config: Config) -> i32 {
     if let Some(watcher) = watcher.as_mut() {
         watcher.watch(&watched);
     }
-    let mut proxy = match Proxy::start(config).await {
+    let mut proxy = match Proxy::start_with_workers(config, workers).await {
         Ok(proxy) => proxy,
         Err(err) => {
             tracing::error!("{err}");

@@ -21,8 +21,8 @@ fn config(origin: SocketAddr, grace_period: &str) -> String {
     config_with_threads(origin, grace_period, 0)
 }
 
-/// [`config`] with `global.threads` (0: one worker per core; 1: the
-/// single-thread scheduler).
+/// [`config`] with `global.threads` (0: one thread per core; 1: a single
+/// thread, no workers).
 fn config_with_threads(origin: SocketAddr, grace_period: &str, threads: usize) -> String {
     format!(
         "[global]\ngrace_period = \"{grace_period}\"\nthreads = {threads}\n\n\

@@ -308,10 +308,10 @@ fn load_config(revision: usize, origins: &[SocketAddr], marker: SocketAddr) -> S
     let weights = [1 + revision % 3, 1 + (revision + 1) % 3];
     let third_server = matches!(revision % 4, 1 | 2);
     let second_listener = matches!(revision % 4, 2 | 3);
-    // One worker thread: the single-thread scheduler under reloads and load
-    // (the other tests run one worker per core).
+    // Two threads, whatever the machine: listeners that reloads add and remove
+    // accept on both, under load.
     let mut text = format!(
-        "[global]\ngrace_period = \"5s\"\nthreads = 1\n\n\
+        "[global]\ngrace_period = \"5s\"\nthreads = 2\n\n\
          [frontends.web]\nbind = [\"127.0.0.1:0\"]\nbackend = \"pool\"\n\
          [[frontends.web.routes]]\npath_prefix = \"/revision/{revision}/\"\nbackend = \"marker\"\n\n"
     );
