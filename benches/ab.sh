@@ -165,17 +165,7 @@ start_slot() {
     start_bg "$PROXY_CPU" "$logfile" "${BINS[who]}" run --config "$TMP/flowgate-slot$slot.toml"
     pid=$STARTED_PID
     SLOT_PID[slot]=$pid
-    if wait_ready "http://127.0.0.1:${SLOT_PORT[slot]}/" "$pid" &&
-        wait_ready "https://127.0.0.1:${SLOT_TLS[slot]}/" "$pid" -k --tlsv1.3; then
-        return 0
-    fi
-    if [[ -d /proc/$pid ]]; then
-        log "${NAMES[who]}: did not answer 200 on :${SLOT_PORT[slot]} and :${SLOT_TLS[slot]} within ${READY_DEADLINE}s; last log lines:"
-    else
-        log "${NAMES[who]}: exited before answering; last log lines:"
-    fi
-    tail -n 20 "$logfile" 2>/dev/null | sed 's/^/    /' >&2 || true
-    return 1
+    wait_answering "${NAMES[who]}" "$pid" "${SLOT_PORT[slot]}" "${SLOT_TLS[slot]}" "$logfile"
 }
 
 stop_slots() {
@@ -404,15 +394,7 @@ for ((REP = 0; REP < REPS; REP++)); do
 done
 log "measured in $((SECONDS - RUN_START)) s"
 
-# First line of a command's output, whatever its exit status.
-first_line() {
-    local out
-    out=$("$@" 2>&1) || true
-    out=${out%%$'\n'*}
-    printf '%s' "${out:-unknown}"
-}
-cpu_model=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null)
-[[ -n $cpu_model ]] || cpu_model=$(uname -m)
+cpu_model=$(machine_cpu)
 
 {
     echo "# flowgate A/B: proxy CPU seconds per 10,000 requests"

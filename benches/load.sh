@@ -440,15 +440,7 @@ log "measured in $((SECONDS - RUN_START)) s"
 # --------------------------------------------------------------------------
 # Report
 
-# First line of a command's output, whatever its exit status.
-first_line() {
-    local out
-    out=$("$@" 2>&1) || true
-    out=${out%%$'\n'*}
-    printf '%s' "${out:-unknown}"
-}
-cpu_model=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null)
-[[ -n $cpu_model ]] || cpu_model=$(uname -m)
+cpu_model=$(machine_cpu)
 flowgate_version="not built"
 if [[ $FLOWGATE_BUILT == ok ]]; then flowgate_version=$(first_line "$FLOWGATE_BIN" --version); fi
 git_describe=$(git -C "$REPO_ROOT" describe --always --dirty --tags 2>/dev/null || echo "no git")

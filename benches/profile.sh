@@ -296,8 +296,7 @@ if build_profiling_flowgate; then FLOWGATE_BUILT=ok; else die "could not build f
 find_inferno
 mkdir -p "$OUT_DIR"
 
-cpu_model=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null)
-[[ -n $cpu_model ]] || cpu_model=$(uname -m)
+cpu_model=$(machine_cpu)
 MACHINE_DESC="$(nproc) cores ($cpu_model), kernel $(uname -r), $(perf version 2>&1 | head -n 1)"
 flowgate_version=$("$FLOWGATE_BIN" --version 2>&1 | head -n 1) || true
 git_describe=$(git -C "$REPO_ROOT" describe --always --dirty --tags 2>/dev/null || echo "no git")

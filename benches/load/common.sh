@@ -373,18 +373,42 @@ start_proxy() {
             ;;
     esac
     PROXY_PID=$STARTED_PID
-    if wait_ready "http://127.0.0.1:$PROXY_PORT/" "$PROXY_PID" &&
-        wait_ready "https://127.0.0.1:$TLS_PORT/" "$PROXY_PID" -k --tlsv1.3; then
-        return 0
-    fi
-    if [[ -d /proc/$PROXY_PID ]]; then
-        log "$variant: did not answer 200 on :$PROXY_PORT and :$TLS_PORT within ${READY_DEADLINE}s; last log lines:"
-    else
-        log "$variant: exited before answering; last log lines:"
-    fi
-    tail -n 20 "$PROXY_LOG" 2>/dev/null | sed 's/^/    /' >&2 || true
+    wait_answering "$variant" "$PROXY_PID" "$PROXY_PORT" "$TLS_PORT" "$PROXY_LOG" && return 0
     stop_proxy
     return 1
+}
+
+# Waits until proxy NAME (process PID) answers 200 on 127.0.0.1:PORT (plain)
+# and :TLS_PORT (TLS 1.3); if it does not, logs why with the last lines of
+# LOGFILE and returns 1.
+wait_answering() {
+    local name=$1 pid=$2 port=$3 tls_port=$4 logfile=$5
+    if wait_ready "http://127.0.0.1:$port/" "$pid" &&
+        wait_ready "https://127.0.0.1:$tls_port/" "$pid" -k --tlsv1.3; then
+        return 0
+    fi
+    if [[ -d /proc/$pid ]]; then
+        log "$name: did not answer 200 on :$port and :$tls_port within ${READY_DEADLINE}s; last log lines:"
+    else
+        log "$name: exited before answering; last log lines:"
+    fi
+    tail -n 20 "$logfile" 2>/dev/null | sed 's/^/    /' >&2 || true
+    return 1
+}
+
+# First line of a command's output, whatever its exit status.
+first_line() {
+    local out
+    out=$("$@" 2>&1) || true
+    out=${out%%$'\n'*}
+    printf '%s' "${out:-unknown}"
+}
+
+# The CPU's model name (the architecture where /proc/cpuinfo has none).
+machine_cpu() {
+    local model
+    model=$(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo 2>/dev/null)
+    printf '%s' "${model:-$(uname -m)}"
 }
 
 stop_proxy() {
