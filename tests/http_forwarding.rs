@@ -1002,13 +1002,7 @@ async fn post_after_the_server_closed_the_pooled_connection_arrives_once() {
             .expect("answer in time")
             .expect("response");
         assert_eq!(response.status(), StatusCode::OK, "request {i}");
-        let got = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
-        assert_eq!(got, body.as_bytes(), "request {i}");
+        assert_eq!(text(response).await, body, "request {i}");
         let seen = tokio::time::timeout(LIMIT, bodies.recv())
             .await
             .expect("origin got the body in time")
