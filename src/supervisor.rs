@@ -390,7 +390,10 @@ impl Proxy {
                 // Registered with the worker's own I/O driver, on the worker.
                 match TcpListener::from_std(socket) {
                     Ok(listener) => Listener { listener, control }.run(shared).await,
-                    Err(err) => tracing::warn!(error = %err, "a worker cannot accept"),
+                    Err(err) => {
+                        let frontend = control.frontend();
+                        tracing::warn!(%frontend, %addr, error = %err, "a worker cannot accept");
+                    }
                 }
             });
             worker.spawn(accept);
