@@ -9,13 +9,17 @@
 //! socket to become readable, with no buffer, and the next request starts a
 //! fresh hyper connection. Idle keep-alive connections cost a few KiB each.
 
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{ClientIo, ClientTimeouts};
@@ -26,9 +30,9 @@ use crate::tls::ClientStream;
 /// hyper refuses a read buffer smaller than this; heads up to it are accepted.
 const MIN_HEAD_BUFFER: usize = 8192;
 
-/// The most read of a connection's first bytes before hyper's connection
-/// starts: enough to tell h2c's preface; hyper reads the rest.
-const FIRST_READ: usize = H2_PREFACE.len();
+/// The most read at once from a connection before hyper's connection starts,
+/// to tell h2c's preface: as much as hyper's first read.
+const FIRST_READ: usize = MIN_HEAD_BUFFER;
 
 /// What an h2c client with prior knowledge sends first (RFC 9113 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -159,6 +163,10 @@ async fn wait_parked(io: &ClientIo<ClientStream>, shutdown: &CancellationToken) 
 /// still be h2c's preface, and keeps them for hyper to read again; returns
 /// them. `None` when the connection ended: the client closed it, the timer
 /// expired, or flowgate is stopping.
+///
+/// The first read is as large as hyper's own would be, so that a whole
+/// request head usually arrives in it: hyper then reads no more before it
+/// answers.
 async fn first_bytes<'a, S>(
     io: &'a mut ClientIo<S>,
     shutdown: &CancellationToken,
@@ -170,19 +178,22 @@ where
         let _ = io.shutdown().await;
         return None;
     }
-    let mut buf = [0u8; FIRST_READ];
-    let mut len = 0;
+    let mut first = BytesMut::new();
     loop {
         let read = tokio::select! {
-            read = io.read(&mut buf[len..]) => read,
-            () = shutdown.cancelled() => Ok(0),
+            read = std::future::poll_fn(|cx| poll_read_chunk(&mut *io, cx)) => read,
+            () = shutdown.cancelled() => Ok(BytesMut::new()),
         };
         match read {
-            Ok(n) if n > 0 => {
-                len += n;
-                let more = len < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf[..len]);
+            Ok(chunk) if !chunk.is_empty() => {
+                if first.is_empty() {
+                    first = chunk;
+                } else {
+                    first.extend_from_slice(&chunk);
+                }
+                let more = first.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&first);
                 if !more {
-                    return Some(io.replay(BytesMut::from(&buf[..len])));
+                    return Some(io.replay(first));
                 }
             }
             Ok(_) => {
@@ -194,5 +205,108 @@ where
                 return None;
             }
         }
+    }
+}
+
+/// One read of up to [`FIRST_READ`] bytes, copied out of a buffer on the stack
+/// (held across no await, it adds nothing to the connection's task); empty at
+/// the end of the stream.
+fn poll_read_chunk<S>(io: &mut S, cx: &mut Context<'_>) -> Poll<io::Result<BytesMut>>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut buf = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+    let mut read = ReadBuf::uninit(&mut buf);
+    ready!(Pin::new(io).poll_read(cx, &mut read))?;
+    Poll::Ready(Ok(BytesMut::from(read.filled())))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, DuplexStream, duplex};
+
+    use super::*;
+
+    fn client_io(stream: DuplexStream) -> ClientIo<DuplexStream> {
+        let timeouts = ClientTimeouts {
+            request_header: Duration::from_secs(30),
+            client_idle: Duration::from_secs(30),
+        };
+        ClientIo::new(stream, Arc::default(), timeouts, false, Arc::default())
+    }
+
+    /// Polls `future` once: whether it is still waiting.
+    async fn pending<F: Future + Unpin>(future: &mut F) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx).is_pending())).await
+    }
+
+    #[tokio::test]
+    async fn a_request_head_is_read_whole_and_replayed() {
+        let (mut client, server) = duplex(64 * 1024);
+        let head = b"GET /path HTTP/1.1\r\nhost: example\r\nx-long: ".to_vec();
+        let head = [head, vec![b'a'; 5000], b"\r\n\r\n".to_vec()].concat();
+        client.write_all(&head).await.unwrap();
+        let mut io = client_io(server);
+        let first = first_bytes(&mut io, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(first, &head[..], "the whole head in one read");
+        let mut again = vec![0; head.len()];
+        io.read_exact(&mut again).await.unwrap();
+        assert_eq!(again, head, "hyper reads the same bytes again");
+    }
+
+    #[tokio::test]
+    async fn a_preface_in_pieces_is_read_until_it_is_whole() {
+        let (mut client, server) = duplex(64 * 1024);
+        let mut io = client_io(server);
+        let shutdown = CancellationToken::new();
+        {
+            let mut first = Box::pin(first_bytes(&mut io, &shutdown));
+            client.write_all(&H2_PREFACE[..3]).await.unwrap();
+            assert!(
+                pending(&mut first).await,
+                "3 bytes of the preface: waits for more"
+            );
+            client.write_all(&H2_PREFACE[3..20]).await.unwrap();
+            assert!(
+                pending(&mut first).await,
+                "20 bytes of the preface: waits for more"
+            );
+            client.write_all(&H2_PREFACE[20..]).await.unwrap();
+            client.write_all(b"frames").await.unwrap();
+            let first = first.await.unwrap();
+            assert!(first.starts_with(H2_PREFACE), "{first:?}");
+        }
+        let mut again = vec![0; H2_PREFACE.len()];
+        io.read_exact(&mut again).await.unwrap();
+        assert_eq!(again, H2_PREFACE);
+    }
+
+    #[tokio::test]
+    async fn a_head_that_starts_like_the_preface_is_not_held_back() {
+        let (mut client, server) = duplex(64 * 1024);
+        let mut io = client_io(server);
+        let shutdown = CancellationToken::new();
+        let mut first = Box::pin(first_bytes(&mut io, &shutdown));
+        client.write_all(b"PRI").await.unwrap();
+        assert!(pending(&mut first).await, "could still be the preface");
+        client.write_all(b"NT / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(first.await.unwrap(), b"PRINT / HTTP/1.1\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_has_no_first_bytes() {
+        let (client, server) = duplex(1024);
+        drop(client);
+        let mut io = client_io(server);
+        assert!(
+            first_bytes(&mut io, &CancellationToken::new())
+                .await
+                .is_none()
+        );
     }
 }
