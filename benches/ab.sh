@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# flowgate A/B: the CPU per request of two flowgate binaries, side by side.
+# flowgate A/B: the CPU per request of two proxies, side by side.
 #
-# Runs two flowgate binaries, A and B, AT THE SAME TIME in front of the three
+# A and B are two flowgate binaries, or one flowgate binary and `haproxy` or
+# `nginx` (those words: the installed proxy with benches/load.sh's
+# configuration for it), for a drift-free flowgate / HAProxy ratio.
+#
+# Runs the two proxies, A and B, AT THE SAME TIME in front of the three
 # nginx origins of benches/load.sh (the same configurations from
 # benches/load/ and the same helpers, from benches/load/common.sh): each with
 # ONE worker thread, both pinned to the same core, each driven by its own
@@ -36,6 +40,7 @@
 #   benches/ab.sh BIN_A BIN_B                    # ka-100, ka-16k, h2; 6 repetitions of 6 s, about 5 minutes
 #   SMOKE=1 benches/ab.sh BIN_A BIN_B            # ka-100, 1 repetition of 2 s
 #   ROWS="ka-100 tls-ka" REPS=8 benches/ab.sh target/release/flowgate /tmp/flowgate-before
+#   ROWS="ka-100 close h2" REPS=4 benches/ab.sh haproxy target/release/flowgate   # B/A = flowgate / HAProxy
 #
 # Environment:
 #   ROWS          paths to run, from the list above (default "ka-100 ka-16k
@@ -55,8 +60,8 @@
 # unused here); the flowgate in the first position on 19080 (plain), 19443
 # (TLS) and 19090 (admin), the one in the second position on 19081, 19444
 # and 19091 (benches/load/flowgate.toml, rendered twice, the second copy with
-# those ports). Every process the script starts is recorded by PID and
-# stopped on exit; every wait is bounded.
+# those ports; haproxy.cfg and nginx-proxy.conf likewise). Every process the
+# script starts is recorded by PID and stopped on exit; every wait is bounded.
 # Output: the Markdown report on stdout (progress on stderr).
 # Exit status: 0 when every cell was measured without a single error, 1
 # otherwise, 2 on usage errors.
@@ -96,13 +101,31 @@ LOG_TAG=ab
 # shellcheck source-path=SCRIPTDIR source=load/common.sh
 source "$TEMPLATES/common.sh"
 
-(($# == 2)) || usage_error "benches/ab.sh BIN_A BIN_B (two flowgate binaries), got $# arguments"
+(($# == 2)) || usage_error "benches/ab.sh A B (flowgate binaries, or haproxy or nginx), got $# arguments"
 BINS=("$1" "$2")
 NAMES=(A B)
+KINDS=(flowgate flowgate) # KINDS[i]: flowgate, haproxy or nginx
 for i in 0 1; do
-    [[ ${BINS[i]} == /* ]] || BINS[i]="$PWD/${BINS[i]}"
-    [[ -f ${BINS[i]} && -x ${BINS[i]} ]] || usage_error "${NAMES[i]}: ${BINS[i]} is not an executable file"
+    case ${BINS[i]} in
+        haproxy | nginx)
+            KINDS[i]=${BINS[i]}
+            BINS[i]=$(command -v "${BINS[i]}") || usage_error "${NAMES[i]}: ${BINS[i]} is not installed"
+            ;;
+        *)
+            [[ ${BINS[i]} == /* ]] || BINS[i]="$PWD/${BINS[i]}"
+            [[ -f ${BINS[i]} && -x ${BINS[i]} ]] || usage_error "${NAMES[i]}: ${BINS[i]} is not an executable file"
+            ;;
+    esac
 done
+[[ ${KINDS[0]} == flowgate || ${KINDS[1]} == flowgate ]] ||
+    usage_error "at least one of A and B must be a flowgate binary"
+[[ ${KINDS[0]} != nginx || ${KINDS[1]} != nginx ]] || usage_error "A and B cannot both be nginx"
+# HAProxy's maxconn from the open-files limit, as in benches/load.sh (about
+# two descriptors per connection); a few thousand are plenty here.
+HAPROXY_MAXCONN=$((($(ulimit -n) - 1024) / 2))
+((HAPROXY_MAXCONN <= 4096)) || HAPROXY_MAXCONN=4096
+((HAPROXY_MAXCONN >= CONNECTIONS + 64)) ||
+    die "open-files limit $(ulimit -n) leaves HAProxy a maxconn of $HAPROXY_MAXCONN, too few for $CONNECTIONS connections"
 positive "$DURATION" || usage_error "DURATION must be a positive integer (seconds), got '$DURATION'"
 ((DURATION <= 600)) || usage_error "DURATION must be at most 600 seconds, got '$DURATION'"
 positive "$CONNECTIONS" || usage_error "CONNECTIONS must be a positive integer, got '$CONNECTIONS'"
@@ -132,24 +155,40 @@ row_title() {
 # --------------------------------------------------------------------------
 # The two flowgates
 
-# Renders flowgate.toml for both positions (threads = 1, no access log), the
-# second with its own ports, and checks it with both binaries.
+# Renders the configurations of both positions: flowgate.toml (threads = 1,
+# no access log), and haproxy.cfg or nginx-proxy.conf when A or B is one of
+# those; the second position's copies with its own ports (and, for nginx,
+# its own PID file and temporary paths). Checks each with its binary.
 render_configs() {
     local slot i cfg port
     for slot in 0 1; do
-        cfg="$TMP/flowgate-slot$slot.toml"
-        render flowgate.toml "$cfg" THREADS=1 ACCESS_LOG=off
-        if ((slot == 1)); then
-            sed -i -e "s|\"127\.0\.0\.1:${SLOT_PORT[0]}\"|\"127.0.0.1:${SLOT_PORT[1]}\"|" \
-                -e "s|\"127\.0\.0\.1:${SLOT_TLS[0]}\"|\"127.0.0.1:${SLOT_TLS[1]}\"|" \
-                -e "s|\"127\.0\.0\.1:${SLOT_ADMIN[0]}\"|\"127.0.0.1:${SLOT_ADMIN[1]}\"|" "$cfg"
-        fi
-        for port in "${SLOT_PORT[slot]}" "${SLOT_TLS[slot]}" "${SLOT_ADMIN[slot]}"; do
-            grep -q "\"127\.0\.0\.1:$port\"" "$cfg" ||
-                die "$cfg does not bind 127.0.0.1:$port: has benches/load/flowgate.toml changed?"
-        done
         for i in 0 1; do
-            "${BINS[i]}" check --config "$cfg" >"$TMP/check-${NAMES[i]}-slot$slot.log" 2>&1 || {
+            cfg=$(slot_config "$i" "$slot")
+            [[ -f $cfg ]] && continue
+            case ${KINDS[i]} in
+                flowgate) render flowgate.toml "$cfg" THREADS=1 ACCESS_LOG=off ;;
+                haproxy) render haproxy.cfg "$cfg" "MAXCONN=$HAPROXY_MAXCONN" ;;
+                nginx)
+                    render nginx-proxy.conf "$cfg"
+                    mkdir -p "$TMP/nginx-proxy-tmp"
+                    ;;
+            esac
+            if ((slot == 1)); then
+                sed -i -e "s|127\.0\.0\.1:${SLOT_PORT[0]}\b|127.0.0.1:${SLOT_PORT[1]}|" \
+                    -e "s|127\.0\.0\.1:${SLOT_TLS[0]}\b|127.0.0.1:${SLOT_TLS[1]}|" \
+                    -e "s|127\.0\.0\.1:${SLOT_ADMIN[0]}\b|127.0.0.1:${SLOT_ADMIN[1]}|" \
+                    -e "s|/nginx-proxy\([.-]\)|/nginx-proxy-slot1\1|g" "$cfg"
+                [[ ${KINDS[i]} != nginx ]] || mkdir -p "$TMP/nginx-proxy-slot1-tmp"
+            fi
+            for port in "${SLOT_PORT[slot]}" "${SLOT_TLS[slot]}"; do
+                grep -q "127\.0\.0\.1:$port\b" "$cfg" ||
+                    die "$cfg does not bind 127.0.0.1:$port: has its template in benches/load/ changed?"
+            done
+            case ${KINDS[i]} in
+                flowgate) "${BINS[i]}" check --config "$cfg" ;;
+                haproxy) haproxy -c -q -f "$cfg" ;;
+                nginx) nginx -t -q -p "$TMP" -c "$cfg" -e "$TMP/nginx-check.log" ;;
+            esac >"$TMP/check-${NAMES[i]}-slot$slot.log" 2>&1 || {
                 sed 's/^/    /' "$TMP/check-${NAMES[i]}-slot$slot.log" >&2
                 die "${NAMES[i]} (${BINS[i]}) rejects $cfg"
             }
@@ -157,12 +196,28 @@ render_configs() {
     done
 }
 
+# The configuration file of binary I (0 for A, 1 for B) in position SLOT.
+slot_config() {
+    case ${KINDS[$1]} in
+        flowgate) echo "$TMP/flowgate-slot$2.toml" ;;
+        haproxy) echo "$TMP/haproxy-slot$2.cfg" ;;
+        nginx) echo "$TMP/nginx-proxy-slot$2.conf" ;;
+    esac
+}
+
 # Starts the binary SLOT_WHO[SLOT] in position SLOT, pinned to PROXY_CPU, and
 # waits until it answers 200 on both its ports; returns 1 if it does not.
 start_slot() {
-    local slot=$1 who=${SLOT_WHO[$1]} logfile pid
+    local slot=$1 who=${SLOT_WHO[$1]} logfile pid cfg
     logfile="$TMP/out/$CELL-${NAMES[who]}.log"
-    start_bg "$PROXY_CPU" "$logfile" "${BINS[who]}" run --config "$TMP/flowgate-slot$slot.toml"
+    cfg=$(slot_config "$who" "$slot")
+    case ${KINDS[who]} in
+        flowgate) start_bg "$PROXY_CPU" "$logfile" "${BINS[who]}" run --config "$cfg" ;;
+        # -db: in the foreground, one process.
+        haproxy) start_bg "$PROXY_CPU" "$logfile" haproxy -db -f "$cfg" ;;
+        # The master and its one worker, both on the proxies' core.
+        nginx) start_bg "$PROXY_CPU" "$logfile" nginx -p "$TMP" -c "$cfg" -e "$logfile" ;;
+    esac
     pid=$STARTED_PID
     SLOT_PID[slot]=$pid
     wait_answering "${NAMES[who]}" "$pid" "${SLOT_PORT[slot]}" "${SLOT_TLS[slot]}" "$logfile"
@@ -177,19 +232,25 @@ stop_slots() {
         SLOT_PID[slot]=""
     done
     for port in "${SLOT_PORT[@]}" "${SLOT_TLS[@]}" "${SLOT_ADMIN[@]}"; do
-        wait_port_free "$port" || die "port $port still busy after stopping flowgate"
+        wait_port_free "$port" || die "port $port still busy after stopping a proxy"
     done
 }
 
-# utime + stime of process PID, all its threads, in clock ticks.
+# utime + stime of process PID and its descendants (nginx's worker), all
+# their threads, in clock ticks.
 proc_ticks() {
-    local rest
+    local pid rest ticks=0 found=0
     local -a fields
-    read -r rest 2>/dev/null <"/proc/$1/stat" || return 1
-    rest=${rest##*) }
-    read -ra fields <<<"$rest"
-    # fields[0] is stat field 3; utime is field 14, stime field 15.
-    echo $((fields[11] + fields[12]))
+    while read -r pid; do
+        read -r rest 2>/dev/null <"/proc/$pid/stat" || continue
+        rest=${rest##*) }
+        read -ra fields <<<"$rest"
+        # fields[0] is stat field 3; utime is field 14, stime field 15.
+        ticks=$((ticks + fields[11] + fields[12]))
+        found=1
+    done < <(proc_tree "$1")
+    ((found)) || return 1
+    echo "$ticks"
 }
 
 # --------------------------------------------------------------------------
@@ -367,6 +428,7 @@ report_row() {
 
 install_missing wrk:wrk nginx:nginx-light curl:curl taskset:util-linux openssl:openssl \
     python3:python3 h2load:nghttp2-client
+[[ ${KINDS[0]} != haproxy && ${KINDS[1]} != haproxy ]] || install_missing haproxy:haproxy
 for cmd in wrk h2load nginx curl taskset timeout awk getconf openssl python3 sha256sum; do
     command -v "$cmd" >/dev/null 2>&1 || die "$cmd not found"
 done
@@ -402,8 +464,12 @@ cpu_model=$(machine_cpu)
     echo "- command: \`$COMMAND\`"
     for i in 0 1; do
         sum=$(sha256sum "${BINS[i]}")
-        echo "- ${NAMES[i]}: \`${BINS[i]}\`: $(first_line "${BINS[i]}" --version)" \
-            "(sha256 ${sum:0:16}, $(stat -c %s "${BINS[i]}") B)"
+        case ${KINDS[i]} in
+            flowgate) version=$(first_line "${BINS[i]}" --version) ;;
+            haproxy) version=$(first_line haproxy -v) ;;
+            nginx) version=$(first_line nginx -v) ;;
+        esac
+        echo "- ${NAMES[i]}: \`${BINS[i]}\`: $version (sha256 ${sum:0:16}, $(stat -c %s "${BINS[i]}") B)"
     done
     if [[ $(sha256sum <"${BINS[0]}") == "$(sha256sum <"${BINS[1]}")" ]]; then
         echo "- A and B are the same file: an A/A run, every ratio should be 1"
