@@ -17,33 +17,49 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// names. With `tunnel`, `Connection: upgrade` and `Upgrade` stay, since they
 /// are what asks the next hop for the tunnel.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
-    // Most messages carry none: one pass over the names instead of a lookup
-    // per hop-by-hop name.
-    if !headers.keys().any(is_hop_by_hop) {
+    // Most messages carry none, and most others only `Connection`: one pass
+    // over the names tells which are there, and only those are looked up.
+    let present = headers
+        .keys()
+        .fold(0, |present, name| present | hop_by_hop(name));
+    if present == 0 {
         return;
     }
-    // Connection may come on several lines; every line names headers. (An empty
-    // Vec does not allocate, so the common case costs nothing.)
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(connection_tokens)
-        .filter(|token| {
-            !token.eq_ignore_ascii_case("close") && !token.eq_ignore_ascii_case("keep-alive")
-        })
-        .filter(|token| !(tunnel && token.eq_ignore_ascii_case("upgrade")))
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if present & CONNECTION != 0 {
+        // Connection may come on several lines; every line names headers. (An
+        // empty Vec does not allocate, so the common case costs nothing.)
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(connection_tokens)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("close") && !token.eq_ignore_ascii_case("keep-alive")
+            })
+            .filter(|token| !(tunnel && token.eq_ignore_ascii_case("upgrade")))
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        if !tunnel {
+            headers.remove(header::CONNECTION);
+        }
     }
-    if !tunnel {
-        headers.remove(header::CONNECTION);
+    if present & UPGRADE != 0 && !tunnel {
         headers.remove(header::UPGRADE);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
+    if present & KEEP_ALIVE_HEADER != 0 {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if present & PROXY_CONNECTION_HEADER != 0 {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if present & TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present & TE == 0 {
+        return;
+    }
     // TE is hop-by-hop, but "TE: trailers" is how gRPC says it understands
     // trailers, and HTTP/2 allows exactly that value through. Transfer codings
     // are for this hop only, on whichever line they come.
@@ -65,15 +81,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
     }
 }
 
-/// The headers that never cross a hop whatever `Connection` says (and
-/// `Connection` itself, which may name more).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::TE
-        || name == header::UPGRADE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+// The hop-by-hop headers, one bit each.
+const CONNECTION: u8 = 1;
+const TRANSFER_ENCODING: u8 = 1 << 1;
+const TE: u8 = 1 << 2;
+const UPGRADE: u8 = 1 << 3;
+const KEEP_ALIVE_HEADER: u8 = 1 << 4;
+const PROXY_CONNECTION_HEADER: u8 = 1 << 5;
+
+/// The bit of a header that never crosses a hop whatever `Connection` says
+/// (or of `Connection` itself, which may name more); 0 for any other.
+fn hop_by_hop(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        CONNECTION
+    } else if name == header::TRANSFER_ENCODING {
+        TRANSFER_ENCODING
+    } else if name == header::TE {
+        TE
+    } else if name == header::UPGRADE {
+        UPGRADE
+    } else if name == KEEP_ALIVE {
+        KEEP_ALIVE_HEADER
+    } else if name == PROXY_CONNECTION {
+        PROXY_CONNECTION_HEADER
+    } else {
+        0
+    }
 }
 
 fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
