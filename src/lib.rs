@@ -20,6 +20,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod balance;
+pub mod cancel;
 pub mod config;
 pub mod demo;
 pub mod health;

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::{ClientIo, ClientTimeouts};
 use super::proxy::{ConnContext, handle};
+use crate::cancel::until_cancelled;
 use crate::config;
 use crate::tls::ClientStream;
 
@@ -93,10 +94,10 @@ pub async fn serve(
         io.set_http2();
         // Boxed, like HTTP/1.1's below: the task's own state stays small.
         let mut connection = Box::new(builder.http2.serve_connection(TokioIo::new(io), service));
-        let result = tokio::select! {
-            result = &mut connection => result,
-            () = shutdown.cancelled() => {
-                std::pin::Pin::new(&mut *connection).graceful_shutdown();
+        let result = match until_cancelled(Pin::new(&mut *connection), &shutdown).await {
+            Some(result) => result,
+            None => {
+                Pin::new(&mut *connection).graceful_shutdown();
                 connection.await
             }
         };
@@ -115,10 +116,10 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(io), service.clone())
                 .with_upgrades(),
         );
-        let result = tokio::select! {
-            result = &mut connection => result,
-            () = shutdown.cancelled() => {
-                std::pin::Pin::new(&mut *connection).graceful_shutdown();
+        let result = match until_cancelled(Pin::new(&mut *connection), &shutdown).await {
+            Some(result) => result,
+            None => {
+                Pin::new(&mut *connection).graceful_shutdown();
                 (&mut connection).await
             }
         };

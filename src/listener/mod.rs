@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLog;
+use crate::cancel::until_cancelled;
 use crate::config::Mode;
 use crate::http::conn::{ClientTimeouts, ConnActivity};
 use crate::http::headers::forwarded_for_value;
@@ -174,10 +175,8 @@ impl Listener {
                     };
                     shared.tracker.spawn(async move {
                         prepare(&stream);
-                        tokio::select! {
-                            () = connection.serve(stream, tls) => {}
-                            () = control.kill.cancelled() => {}
-                        }
+                        let serve = std::pin::pin!(connection.serve(stream, tls));
+                        until_cancelled(serve, &control.kill).await;
                         drop(permits);
                     });
                 }
@@ -212,10 +211,7 @@ impl Listener {
                             ))
                             .await;
                         };
-                        tokio::select! {
-                            () = session => {}
-                            () = control.kill.cancelled() => {}
-                        }
+                        until_cancelled(std::pin::pin!(session), &control.kill).await;
                         drop(permits);
                     });
                 }
