@@ -2,49 +2,72 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
-use tokio_util::sync::CancellationToken;
+use pin_project_lite::pin_project;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// Polls `future` to its end (`Some`), or until `token` is cancelled (`None`):
 /// a `select!` of the two, cheaper on each of the connection's many polls. The
 /// token's waiter is polled (which takes the token's lock) only to register a
 /// waker it does not hold yet; otherwise the token's flag is read.
-pub async fn until_cancelled<F>(
-    mut future: Pin<&mut F>,
-    token: &CancellationToken,
-) -> Option<F::Output>
+pub fn until_cancelled<'a, F>(
+    future: Pin<&'a mut F>,
+    token: &'a CancellationToken,
+) -> UntilCancelled<'a, F>
 where
     F: Future + ?Sized,
 {
-    let mut cancelled = std::pin::pin!(token.cancelled());
-    let mut registered: Option<Waker> = None;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+    UntilCancelled {
+        future,
+        token,
+        cancelled: token.cancelled(),
+        registered: None,
+    }
+}
+
+pin_project! {
+    /// The future of [`until_cancelled`]: a plain struct, not an async fn, so
+    /// that a connection's task holds nothing more than these four fields.
+    pub struct UntilCancelled<'a, F: ?Sized> {
+        future: Pin<&'a mut F>,
+        token: &'a CancellationToken,
+        #[pin]
+        cancelled: WaitForCancellationFuture<'a>,
+        registered: Option<Waker>,
+    }
+}
+
+impl<F: Future + ?Sized> Future for UntilCancelled<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.future.as_mut().poll(cx) {
             return Poll::Ready(Some(output));
         }
-        if token.is_cancelled() {
+        if this.token.is_cancelled() {
             return Poll::Ready(None);
         }
-        if !registered
+        if !this
+            .registered
             .as_ref()
             .is_some_and(|waker| waker.will_wake(cx.waker()))
         {
-            if cancelled.as_mut().poll(cx).is_ready() {
+            if this.cancelled.poll(cx).is_ready() {
                 return Poll::Ready(None);
             }
-            registered = Some(cx.waker().clone());
+            *this.registered = Some(cx.waker().clone());
         }
         Poll::Pending
-    })
-    .await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Context, Wake};
+    use std::task::Wake;
     use std::time::Duration;
 
     use super::*;
