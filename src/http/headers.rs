@@ -25,7 +25,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
     if present == 0 {
         return;
     }
-    if present & CONNECTION != 0 {
+    if present & hop::CONNECTION != 0 {
         // Connection may come on several lines; every line names headers. (An
         // empty Vec does not allocate, so the common case costs nothing.)
         let named: Vec<HeaderName> = headers
@@ -45,19 +45,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
             headers.remove(header::CONNECTION);
         }
     }
-    if present & UPGRADE != 0 && !tunnel {
+    if present & hop::UPGRADE != 0 && !tunnel {
         headers.remove(header::UPGRADE);
     }
-    if present & KEEP_ALIVE_HEADER != 0 {
+    if present & hop::KEEP_ALIVE != 0 {
         headers.remove(&KEEP_ALIVE);
     }
-    if present & PROXY_CONNECTION_HEADER != 0 {
+    if present & hop::PROXY_CONNECTION != 0 {
         headers.remove(&PROXY_CONNECTION);
     }
-    if present & TRANSFER_ENCODING != 0 {
+    if present & hop::TRANSFER_ENCODING != 0 {
         headers.remove(header::TRANSFER_ENCODING);
     }
-    if present & TE == 0 {
+    if present & hop::TE == 0 {
         return;
     }
     // TE is hop-by-hop, but "TE: trailers" is how gRPC says it understands
@@ -81,29 +81,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
     }
 }
 
-// The hop-by-hop headers, one bit each.
-const CONNECTION: u8 = 1;
-const TRANSFER_ENCODING: u8 = 1 << 1;
-const TE: u8 = 1 << 2;
-const UPGRADE: u8 = 1 << 3;
-const KEEP_ALIVE_HEADER: u8 = 1 << 4;
-const PROXY_CONNECTION_HEADER: u8 = 1 << 5;
+/// The hop-by-hop headers, one bit each.
+mod hop {
+    pub const CONNECTION: u8 = 1;
+    pub const TRANSFER_ENCODING: u8 = 1 << 1;
+    pub const TE: u8 = 1 << 2;
+    pub const UPGRADE: u8 = 1 << 3;
+    pub const KEEP_ALIVE: u8 = 1 << 4;
+    pub const PROXY_CONNECTION: u8 = 1 << 5;
+}
 
-/// The bit of a header that never crosses a hop whatever `Connection` says
-/// (or of `Connection` itself, which may name more); 0 for any other.
+/// The [`hop`] bit of a header that never crosses a hop whatever `Connection`
+/// says (or of `Connection` itself, which may name more); 0 for any other.
 fn hop_by_hop(name: &HeaderName) -> u8 {
     if name == header::CONNECTION {
-        CONNECTION
+        hop::CONNECTION
     } else if name == header::TRANSFER_ENCODING {
-        TRANSFER_ENCODING
+        hop::TRANSFER_ENCODING
     } else if name == header::TE {
-        TE
+        hop::TE
     } else if name == header::UPGRADE {
-        UPGRADE
+        hop::UPGRADE
     } else if name == KEEP_ALIVE {
-        KEEP_ALIVE_HEADER
+        hop::KEEP_ALIVE
     } else if name == PROXY_CONNECTION {
-        PROXY_CONNECTION_HEADER
+        hop::PROXY_CONNECTION
     } else {
         0
     }
@@ -244,6 +246,25 @@ mod tests {
         strip_hop_by_hop(&mut map, false);
         let left: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["x-kept"]);
+    }
+
+    /// Each is found by the one pass over the names, also when it is the only
+    /// hop-by-hop header there.
+    #[test]
+    fn strips_each_hop_by_hop_header_alone() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "te",
+            "upgrade",
+        ] {
+            let mut map = headers(&[("x-kept", "yes"), (name, "gzip"), ("x-also", "yes")]);
+            strip_hop_by_hop(&mut map, false);
+            let left: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, vec!["x-kept", "x-also"], "{name}");
+        }
     }
 
     #[test]
