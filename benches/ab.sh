@@ -107,10 +107,8 @@ NAMES=(A B)
 KINDS=(flowgate flowgate) # KINDS[i]: flowgate, haproxy or nginx
 for i in 0 1; do
     case ${BINS[i]} in
-        haproxy | nginx)
-            KINDS[i]=${BINS[i]}
-            BINS[i]=$(command -v "${BINS[i]}") || usage_error "${NAMES[i]}: ${BINS[i]} is not installed"
-            ;;
+        # Found on PATH once installed (see Main).
+        haproxy | nginx) KINDS[i]=${BINS[i]} ;;
         *)
             [[ ${BINS[i]} == /* ]] || BINS[i]="$PWD/${BINS[i]}"
             [[ -f ${BINS[i]} && -x ${BINS[i]} ]] || usage_error "${NAMES[i]}: ${BINS[i]} is not an executable file"
@@ -153,7 +151,7 @@ row_title() {
 }
 
 # --------------------------------------------------------------------------
-# The two flowgates
+# The two proxies
 
 # Renders the configurations of both positions: flowgate.toml (threads = 1,
 # no access log), and haproxy.cfg or nginx-proxy.conf when A or B is one of
@@ -236,23 +234,6 @@ stop_slots() {
     done
 }
 
-# utime + stime of process PID and its descendants (nginx's worker), all
-# their threads, in clock ticks.
-proc_ticks() {
-    local pid rest ticks=0 found=0
-    local -a fields
-    while read -r pid; do
-        read -r rest 2>/dev/null <"/proc/$pid/stat" || continue
-        rest=${rest##*) }
-        read -ra fields <<<"$rest"
-        # fields[0] is stat field 3; utime is field 14, stime field 15.
-        ticks=$((ticks + fields[11] + fields[12]))
-        found=1
-    done < <(proc_tree "$1")
-    ((found)) || return 1
-    echo "$ticks"
-}
-
 # --------------------------------------------------------------------------
 # Cells
 
@@ -331,11 +312,11 @@ run_cell() {
     load_command "$row" "${SLOT_PORT[0]}" "$DURATION" "" "${SLOT_TLS[0]}"
     log "$row (rep $((REP + 1)) of $REPS, ${NAMES[SLOT_WHO[0]]} first): ${LOAD[*]}, and the same on :${SLOT_PORT[1]}/:${SLOT_TLS[1]}"
     for slot in 0 1; do
-        ticks0[SLOT_WHO[slot]]=$(proc_ticks "${SLOT_PID[slot]}") || ticks0[SLOT_WHO[slot]]=""
+        ticks0[SLOT_WHO[slot]]=$(cpu_ticks "${SLOT_PID[slot]}") || ticks0[SLOT_WHO[slot]]=""
     done
     drive "$row" "$DURATION" "$base"
     for slot in 0 1; do
-        ticks1[SLOT_WHO[slot]]=$(proc_ticks "${SLOT_PID[slot]}") || ticks1[SLOT_WHO[slot]]=""
+        ticks1[SLOT_WHO[slot]]=$(cpu_ticks "${SLOT_PID[slot]}") || ticks1[SLOT_WHO[slot]]=""
     done
     stop_slots
 
@@ -431,6 +412,9 @@ install_missing wrk:wrk nginx:nginx-light curl:curl taskset:util-linux openssl:o
 [[ ${KINDS[0]} != haproxy && ${KINDS[1]} != haproxy ]] || install_missing haproxy:haproxy
 for cmd in wrk h2load nginx curl taskset timeout awk getconf openssl python3 sha256sum; do
     command -v "$cmd" >/dev/null 2>&1 || die "$cmd not found"
+done
+for i in 0 1; do
+    [[ ${KINDS[i]} == flowgate ]] || BINS[i]=$(command -v "${KINDS[i]}") || die "${KINDS[i]} not found"
 done
 CLK_TCK=$(getconf CLK_TCK)
 pick_cpus

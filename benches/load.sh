@@ -157,16 +157,8 @@ raise_nofile() {
 
 # CPU seconds (utime + stime) of PID and its descendants, as a decimal.
 cpu_seconds() {
-    local root=$1 pid rest ticks=0 f
-    local -a fields
-    while read -r pid; do
-        f=/proc/$pid/stat
-        read -r rest 2>/dev/null <"$f" || continue
-        rest=${rest##*) }
-        read -ra fields <<<"$rest"
-        # fields[0] is stat field 3; utime is field 14, stime field 15.
-        ticks=$((ticks + fields[11] + fields[12]))
-    done < <(proc_tree "$root")
+    local ticks
+    ticks=$(cpu_ticks "$1") || ticks=0
     awk -v t="$ticks" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", t / hz }'
 }
 

@@ -75,6 +75,23 @@ proc_tree() {
     ((${#out[@]} == 0)) || printf '%s\n' "${out[@]}"
 }
 
+# utime + stime of PID and its descendants (nginx's worker), all their
+# threads, in clock ticks; returns 1 when none of them is running.
+cpu_ticks() {
+    local pid rest ticks=0 found=0
+    local -a fields
+    while read -r pid; do
+        read -r rest 2>/dev/null <"/proc/$pid/stat" || continue
+        rest=${rest##*) }
+        read -ra fields <<<"$rest"
+        # fields[0] is stat field 3; utime is field 14, stime field 15.
+        ticks=$((ticks + fields[11] + fields[12]))
+        found=1
+    done < <(proc_tree "$1")
+    ((found)) || return 1
+    echo "$ticks"
+}
+
 # Sends SIGTERM to PID, waits up to STOP_DEADLINE s, then SIGKILLs whatever is
 # left of the process tree as it was before the signal.
 stop_pid() {
