@@ -277,7 +277,13 @@ impl Backend {
             return Ok(guard);
         }
         // The algorithm chose the failed server again (a hash, `first`): the
-        // next server in file order that can take the attempt, if any.
+        // next server in file order, of the tier that takes traffic now
+        // (backups only while no primary is usable, as for any pick), that
+        // can take the attempt, if any.
+        let primary_usable = self
+            .servers
+            .iter()
+            .any(|server| !server.backup && server.is_usable());
         let start = self
             .servers
             .iter()
@@ -285,7 +291,9 @@ impl Backend {
             .unwrap_or(0);
         let alternative = (1..self.servers.len())
             .map(|offset| &self.servers[(start + offset) % self.servers.len()])
-            .find(|server| server.is_usable() && server.has_capacity());
+            .find(|server| {
+                server.backup != primary_usable && server.is_usable() && server.has_capacity()
+            });
         Ok(match alternative {
             Some(server) => {
                 drop(guard);
@@ -359,5 +367,62 @@ impl Backend {
 
     pub fn server(&self, name: &str) -> Option<&Arc<Server>> {
         self.servers.iter().find(|server| &*server.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::balance::testing::{self, Spec};
+
+    const CTX: PickContext<'static> = PickContext {
+        client: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        key: None,
+    };
+
+    async fn retry_server(backend: &Backend, failed: usize) -> Option<usize> {
+        let guard = backend
+            .acquire_retry(&CTX, Some(&backend.servers[failed]))
+            .await
+            .ok()?;
+        backend
+            .servers
+            .iter()
+            .position(|server| Arc::ptr_eq(server, guard.server()))
+    }
+
+    #[tokio::test]
+    async fn another_attempt_skips_backups_while_a_primary_is_usable() {
+        // `first` picks server 0 again; in file order after it comes a backup.
+        let specs = [Spec::default(), Spec::backup(), Spec::default()];
+        let backend = testing::backend("first", &specs);
+        assert_eq!(retry_server(&backend, 0).await, Some(2));
+    }
+
+    #[tokio::test]
+    async fn another_attempt_stays_on_the_failed_primary_rather_than_a_backup() {
+        let specs = [Spec::default(), Spec::backup()];
+        let backend = testing::backend("first", &specs);
+        assert_eq!(retry_server(&backend, 0).await, Some(0));
+    }
+
+    #[tokio::test]
+    async fn another_attempt_moves_between_backups_once_no_primary_is_usable() {
+        let specs = [Spec::default(), Spec::backup(), Spec::backup()];
+        let backend = testing::backend("first", &specs);
+        backend.servers[0].state.set_health(Health::Down);
+        assert_eq!(retry_server(&backend, 1).await, Some(2));
+    }
+
+    #[tokio::test]
+    async fn another_attempt_skips_full_servers_and_without_redispatch_stays() {
+        let specs = [Spec::default(), Spec::max_connections(1), Spec::default()];
+        let backend = testing::backend("first", &specs);
+        let _held = backend.servers[1].begin();
+        assert_eq!(retry_server(&backend, 0).await, Some(2));
+        let backend = testing::backend_with("first", "redispatch = false", &specs);
+        assert_eq!(retry_server(&backend, 2).await, Some(2));
     }
 }
