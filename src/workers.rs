@@ -7,11 +7,34 @@
 //! What all threads share (the running config, server pools, counters) is
 //! lock-free or behind short per-server locks.
 
+use std::cell::Cell;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+
+thread_local! {
+    static SLOT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Serving threads of the process: the first thread and the workers.
+static SLOTS: AtomicUsize = AtomicUsize::new(1);
+
+/// Which serving thread runs the caller: 0 on the first thread (and any thread
+/// that is not a worker), `1..` on the workers. What is kept per thread (idle
+/// server connections) is indexed by it, so that a connection is used only on
+/// the thread whose runtime drives it.
+#[inline]
+pub fn slot() -> usize {
+    SLOT.with(Cell::get)
+}
+
+/// How many serving threads there are: [`slot`] is below it.
+pub fn slots() -> usize {
+    SLOTS.load(Ordering::Relaxed)
+}
 
 /// Running worker threads; dropping this stops them (what still runs on them
 /// is dropped) and waits for them to end.
@@ -25,6 +48,7 @@ impl Workers {
     /// Starts `count` worker threads.
     pub fn start(count: usize) -> io::Result<Workers> {
         let mut workers = Workers::default();
+        SLOTS.fetch_max(count + 1, Ordering::Relaxed);
         for index in 1..=count {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -34,6 +58,7 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("flowgate-worker-{index}"))
                 .spawn(move || {
+                    SLOT.with(|slot| slot.set(index));
                     // Runs the tasks spawned onto this runtime until told to stop.
                     runtime.block_on(async {
                         let _ = stopped.await;
@@ -75,13 +100,16 @@ mod tests {
                 let (tx, rx) = std::sync::mpsc::channel();
                 handle.spawn(async move {
                     let name = std::thread::current().name().map(str::to_owned);
-                    let _ = tx.send(name.unwrap_or_default());
+                    let _ = tx.send(format!("{} {}", name.unwrap_or_default(), slot()));
                 });
                 rx.recv_timeout(std::time::Duration::from_secs(5))
                     .expect("the task ran")
             })
             .collect();
-        assert_eq!(names, ["flowgate-worker-1", "flowgate-worker-2"]);
+        // Each worker knows its slot; this thread is not a worker.
+        assert_eq!(names, ["flowgate-worker-1 1", "flowgate-worker-2 2"]);
+        assert_eq!(slot(), 0);
+        assert!(slots() >= 3);
 
         // A task still pending when the workers stop is dropped, not leaked.
         let (tx, rx) = std::sync::mpsc::channel::<()>();

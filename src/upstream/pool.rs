@@ -1,6 +1,12 @@
 //! Connections to one server: keep-alive HTTP/1.1 connections reused LIFO, or one
 //! shared multiplexed HTTP/2 connection.
 //!
+//! Each serving thread (see `crate::workers`) keeps its own: a connection's
+//! task runs on the thread that opened it, and a request on another thread
+//! using it would wake that thread twice per request. So with `threads = N`
+//! there are up to N HTTP/2 connections per server, and HTTP/1.1 connections
+//! idle on one thread wait for that thread's requests.
+//!
 //! Checkout connects before anything of the request is handed over, so a connect
 //! failure can always be retried elsewhere with the request intact; and
 //! `try_send_request` hands a request back when a pooled connection turned out to
@@ -21,8 +27,9 @@ use tokio::net::TcpStream;
 use crate::config::Protocol;
 use crate::http::body::RequestBody;
 pub use crate::tls::ServerStream;
+use crate::workers;
 
-/// Idle HTTP/1.1 connections kept per server at most; more are closed.
+/// Idle HTTP/1.1 connections kept per server and thread at most; more are closed.
 const MAX_IDLE_PER_SERVER: usize = 1024;
 
 /// Why no connection to the server could be had. Nothing of the request was sent,
@@ -77,8 +84,16 @@ impl UpstreamTls {
 pub struct Pool {
     addr: SocketAddr,
     settings: PoolSettings,
-    idle: Mutex<Vec<IdleConnection>>,
-    shared_h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// One per serving thread, indexed by `workers::slot()`. Each lock is
+    /// taken by its own thread, and by the eviction sweep now and then.
+    threads: Box<[Mutex<ThreadConnections>]>,
+}
+
+/// The connections one thread opened to the server and may use.
+#[derive(Debug, Default)]
+struct ThreadConnections {
+    idle: Vec<IdleConnection>,
+    shared_h2: Option<http2::SendRequest<RequestBody>>,
 }
 
 #[derive(Debug)]
@@ -92,8 +107,7 @@ impl Pool {
         Pool {
             addr,
             settings,
-            idle: Mutex::new(Vec::new()),
-            shared_h2: Mutex::new(None),
+            threads: (0..workers::slots()).map(|_| Mutex::default()).collect(),
         }
     }
 
@@ -139,8 +153,13 @@ impl Pool {
         Ok(Connection::new(Sender::Http1(sender), self, false))
     }
 
+    /// What the calling thread keeps.
+    fn here(&self) -> MutexGuard<'_, ThreadConnections> {
+        lock(&self.threads[workers::slot() % self.threads.len()])
+    }
+
     async fn checkout_h2(self: &Arc<Self>) -> Result<Connection, ConnectError> {
-        if let Some(sender) = lock(&self.shared_h2).as_ref()
+        if let Some(sender) = self.here().shared_h2.as_ref()
             && sender.is_ready()
         {
             return Ok(Connection::new(Sender::H2(sender.clone()), self, true));
@@ -161,7 +180,7 @@ impl Pool {
                 tracing::debug!(error = %err, "server h2 connection ended");
             }
         });
-        *lock(&self.shared_h2) = Some(sender.clone());
+        self.here().shared_h2 = Some(sender.clone());
         Ok(Connection::new(Sender::H2(sender), self, false))
     }
 
@@ -183,8 +202,8 @@ impl Pool {
     }
 
     fn pop_idle(&self) -> Option<IdleConnection> {
-        let mut idle = lock(&self.idle);
-        while let Some(connection) = idle.pop() {
+        let mut here = self.here();
+        while let Some(connection) = here.idle.pop() {
             if connection.since.elapsed() < self.settings.idle_timeout
                 && !connection.sender.is_closed()
             {
@@ -198,9 +217,9 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = lock(&self.idle);
-        if idle.len() < MAX_IDLE_PER_SERVER {
-            idle.push(IdleConnection {
+        let mut here = self.here();
+        if here.idle.len() < MAX_IDLE_PER_SERVER {
+            here.idle.push(IdleConnection {
                 sender,
                 since: Instant::now(),
             });
@@ -211,24 +230,36 @@ impl Pool {
     /// by the server). Called periodically, off the request path.
     pub fn evict_expired(&self) {
         let timeout = self.settings.idle_timeout;
-        lock(&self.idle).retain(|connection| {
-            connection.since.elapsed() < timeout && !connection.sender.is_closed()
-        });
-        let mut shared = lock(&self.shared_h2);
-        if shared.as_ref().is_some_and(|sender| sender.is_closed()) {
-            *shared = None;
+        for thread in &self.threads {
+            let mut thread = lock(thread);
+            thread.idle.retain(|connection| {
+                connection.since.elapsed() < timeout && !connection.sender.is_closed()
+            });
+            if thread
+                .shared_h2
+                .as_ref()
+                .is_some_and(|sender| sender.is_closed())
+            {
+                thread.shared_h2 = None;
+            }
         }
     }
 
     /// Closes every idle connection (the server left the config).
     pub fn close_idle(&self) {
-        lock(&self.idle).clear();
-        lock(&self.shared_h2).take();
+        for thread in &self.threads {
+            let mut thread = lock(thread);
+            thread.idle.clear();
+            thread.shared_h2 = None;
+        }
     }
 
-    /// Idle HTTP/1.1 connections held now.
+    /// Idle HTTP/1.1 connections held now, on all threads.
     pub fn idle_count(&self) -> usize {
-        lock(&self.idle).len()
+        self.threads
+            .iter()
+            .map(|thread| lock(thread).idle.len())
+            .sum()
     }
 }
 
@@ -291,5 +322,88 @@ impl Connection {
             Sender::Http1(sender) => self.pool.checkin(sender),
             Sender::H2(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::workers::Workers;
+
+    /// An HTTP/1.1 origin on loopback that counts the connections it accepted.
+    async fn counting_origin() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                    TokioIo::new(stream),
+                    hyper::service::service_fn(|_| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                    }),
+                ));
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// One request through the pool, run on `worker`'s thread: whether its
+    /// connection was a reused one.
+    async fn request_on(worker: &tokio::runtime::Handle, pool: &Arc<Pool>) -> bool {
+        let pool = Arc::clone(pool);
+        worker
+            .spawn(async move {
+                let mut connection = pool.checkout().await.expect("checkout");
+                let reused = connection.is_reused();
+                let response = connection
+                    .send(Request::new(RequestBody::Empty))
+                    .await
+                    .expect("response");
+                let body = response.into_body().collect().await.expect("body");
+                assert_eq!(body.to_bytes(), "ok");
+                connection.release();
+                reused
+            })
+            .await
+            .expect("the request task ran")
+    }
+
+    #[tokio::test]
+    async fn each_thread_reuses_only_the_connections_it_opened() {
+        let workers = Workers::start(2).expect("start workers");
+        let (addr, accepted) = counting_origin().await;
+        let pool = Arc::new(Pool::new(
+            addr,
+            PoolSettings {
+                protocol: Protocol::Http1,
+                connect_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(60),
+                tls: None,
+            },
+        ));
+        let [first, second] = workers.handles() else {
+            panic!("two workers");
+        };
+        assert!(!request_on(first, &pool).await, "a new connection");
+        // The first thread's idle connection is not used by the second.
+        assert!(!request_on(second, &pool).await, "a new connection");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.idle_count(), 2);
+        // Each thread gets its own back.
+        assert!(request_on(first, &pool).await, "reused");
+        assert!(request_on(second, &pool).await, "reused");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        pool.close_idle();
+        assert_eq!(pool.idle_count(), 0);
     }
 }
