@@ -148,11 +148,23 @@ pub fn client_config(
         .map_err(|err| error(TlsSource::Ca, err.to_string()))?
         .with_webpki_verifier(verifier)
         .with_no_client_auth();
-    config.alpn_protocols = match protocol {
+    config.alpn_protocols = alpn(protocol);
+    Ok(Arc::new(config))
+}
+
+/// The same client side, offering the ALPN of `protocol` instead (health
+/// checks in another protocol than the traffic).
+pub fn with_alpn(config: &ClientConfig, protocol: Protocol) -> Arc<ClientConfig> {
+    let mut config = config.clone();
+    config.alpn_protocols = alpn(protocol);
+    Arc::new(config)
+}
+
+fn alpn(protocol: Protocol) -> Vec<Vec<u8>> {
+    match protocol {
         Protocol::Http1 => vec![b"http/1.1".to_vec()],
         Protocol::H2 => vec![b"h2".to_vec()],
-    };
-    Ok(Arc::new(config))
+    }
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, String> {

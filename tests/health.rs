@@ -1,7 +1,7 @@
 //! Active health checks through the real proxy: servers move up and down after
 //! exactly `rise`/`fall` checks, the first check before accepting, transition log
-//! lines, leader/follower pools with `balance = "first"`, backup servers and
-//! slow start.
+//! lines, leader/follower pools with `balance = "first"`, backup servers, slow
+//! start, and checks on a management port of their own.
 //!
 //! Checks are placed, not timed: each engine records, with every check it
 //! receives, the server's state in the proxy at that moment. Checks of one server
@@ -502,4 +502,51 @@ async fn slow_start_ramps_servers_of_default_weight() {
         "{share} of 30 requests right after returning with slow_start = 30s and weight 1: \
          the ramp has no effect at weight 1 (a third is what a server without slow start gets)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_go_to_the_management_port_in_its_own_protocol() {
+    // An engine serving traffic on one port (HTTP/1.1, as the backend speaks)
+    // and its health on a management port, asked over h2c.
+    let traffic = common::Origin::named("engine-1").await;
+    let management = Engine::start("management", "/actuator/health", 503).await;
+    let health = format!(
+        "{}port = {}\nprotocol = \"h2\"\n",
+        FAST_CHECKS.replace("/health", "/actuator/health"),
+        management.addr().port()
+    );
+    let servers = format!(
+        "[[backends.b.servers]]\nname = \"s0\"\naddress = \"{}\"\n",
+        traffic.addr
+    );
+    let proxy = start_proxy(&config("", &health, &servers)).await;
+    let state = server_state(&proxy, "b", 0);
+    let addr = proxy.local_addr("web").expect("web is bound");
+
+    // The management port says 503: down, though its traffic port would answer.
+    assert_eq!(state.health(), Health::Down);
+    assert_eq!(get(addr, "/").await.0, 503);
+    assert_eq!(traffic.count(), 0, "no check and no request reached it");
+
+    management.set_status(200);
+    wait_until(LIMIT, "the server to come up", || {
+        state.health() == Health::Up
+    })
+    .await;
+    assert_eq!(get(addr, "/").await, (200, "engine-1".to_string()));
+    assert_eq!(traffic.count(), 1, "only the request");
+    assert_eq!(
+        management.traffic(),
+        0,
+        "no request went to the management port"
+    );
+    let checks = management.checks();
+    assert!(checks.len() >= 3, "{checks:?}");
+    assert!(
+        checks
+            .iter()
+            .all(|check| check.version == hyper::Version::HTTP_2),
+        "{checks:?}"
+    );
+    proxy.shutdown(Duration::from_secs(1)).await;
 }

@@ -335,6 +335,20 @@ pub struct HealthCheck {
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
+    /// Checks go to this port of each server's address instead of the port
+    /// traffic goes to (an engine's management port).
+    pub port: Option<u16>,
+    /// The protocol of HTTP checks, when not the backend's.
+    pub protocol: Option<Protocol>,
+    /// Whether checks speak TLS; `None`: as the backend's traffic does.
+    pub tls: Option<bool>,
+}
+
+impl HealthCheck {
+    /// The protocol HTTP checks speak on a backend speaking `traffic`.
+    pub fn protocol_for(&self, traffic: Protocol) -> Protocol {
+        self.protocol.unwrap_or(traffic)
+    }
 }
 
 impl Default for HealthCheck {
@@ -351,6 +365,9 @@ impl Default for HealthCheck {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 3,
+            port: None,
+            protocol: None,
+            tls: None,
         }
     }
 }
@@ -367,6 +384,9 @@ pub struct BackendTls {
     pub server_name: Option<String>,
     /// The loaded client side: set in every checked config.
     pub client: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The client side of health checks: `client` itself, or a copy offering
+    /// the ALPN of `health.protocol`; `None` with `health.tls = false`.
+    pub check_client: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug, Clone)]

@@ -535,9 +535,24 @@ fn backend(named: Named, mut r: TableReader<'_>) -> (Backend, BackendLocations) 
         .table("timeouts")
         .map(backend_timeouts)
         .unwrap_or_default();
-    let health = r.table("health").map(health).unwrap_or_default();
+    let mut tls = r.table("tls").map(|table| backend_tls(table, protocol));
+    let health = r
+        .table("health")
+        .map(|table| health(table, tls.is_some()))
+        .unwrap_or_default();
     let passive = r.table("passive").map(passive);
-    let tls = r.table("tls").map(|table| backend_tls(table, protocol));
+    if let Some(tls) = &mut tls
+        && health.tls != Some(false)
+    {
+        let check_protocol = health.protocol_for(protocol);
+        tls.check_client = tls.client.as_ref().map(|client| {
+            if check_protocol == protocol {
+                std::sync::Arc::clone(client)
+            } else {
+                crate::tls::with_alpn(client, check_protocol)
+            }
+        });
+    }
 
     let servers_field = r.require("servers");
     let mut servers = Vec::new();
@@ -616,7 +631,9 @@ fn backend_timeouts(mut r: TableReader<'_>) -> BackendTimeouts {
     timeouts
 }
 
-fn health(mut r: TableReader<'_>) -> HealthCheck {
+/// `[backends.NAME.health]`; `traffic_tls`: whether the backend has a `tls`
+/// table (checks can speak TLS only with its CA and server name).
+fn health(mut r: TableReader<'_>, traffic_tls: bool) -> HealthCheck {
     let defaults = HealthCheck::default();
     let check = r.choice("check", CHECKS).unwrap_or(defaults.check);
     let path = r
@@ -643,6 +660,18 @@ fn health(mut r: TableReader<'_>) -> HealthCheck {
         timeout: r.positive_duration("timeout").unwrap_or(defaults.timeout),
         rise: r.int_at_least("rise", 1).unwrap_or(defaults.rise),
         fall: r.int_at_least("fall", 1).unwrap_or(defaults.fall),
+        port: r.int_in("port", 1..=65535),
+        protocol: r.choice("protocol", PROTOCOLS),
+        tls: r.get("tls").and_then(|field| {
+            let tls = field.bool()?;
+            if tls && !traffic_tls {
+                field.error(
+                    "checks speak TLS only to a backend with a tls table (it has the CA and server name to verify with)",
+                );
+                return None;
+            }
+            Some(tls)
+        }),
     };
     r.finish();
     health
@@ -697,6 +726,7 @@ fn backend_tls(mut r: TableReader<'_>, protocol: Protocol) -> BackendTls {
             .get("server_name")
             .and_then(|field| field.non_empty().map(str::to_string)),
         client: None,
+        check_client: None,
     };
     // The CA file is read now, so a bad one is a config problem like any other.
     match crate::tls::client_config(&tls, protocol) {

@@ -1006,3 +1006,75 @@ slow_start = "0s"              # after going up, ramp weight from ~0 to full ove
 [[backends.readers.servers]]
 address = "10.0.0.21:8080"
 "#;
+
+#[test]
+fn checks_may_go_to_another_port_in_another_protocol_with_or_without_tls() {
+    let root = tempfile::tempdir().expect("tempdir");
+    write_pair(&root.path().join("ca.pem"), &root.path().join("ca.key"));
+    let config_path = root.path().join("flowgate.toml");
+    let with_tls = |health: &str| {
+        format!(
+            "{}protocol = \"h2\"\n\n[backends.engines.tls]\nca = \"ca.pem\"\n\n[backends.engines.health]\ncheck = \"http\"\n{health}\n[[backends.engines.servers]]\naddress = \"127.0.0.1:7233\"\n",
+            MINIMAL.split("[[backends").next().unwrap_or_default()
+        )
+    };
+    let alpn = |config: &Config| {
+        let tls = config.backends[0].tls.as_ref().expect("tls");
+        let client = tls
+            .client
+            .as_ref()
+            .expect("traffic client")
+            .alpn_protocols
+            .clone();
+        let check = tls.check_client.as_ref().map(|c| c.alpn_protocols.clone());
+        (client, check)
+    };
+
+    // By default checks speak as the traffic does, on its port.
+    let config = parsed(&with_tls(""), &config_path.display().to_string());
+    let health = &config.backends[0].health;
+    assert_eq!(
+        (health.port, health.protocol, health.tls),
+        (None, None, None)
+    );
+    assert_eq!(health.protocol_for(Protocol::H2), Protocol::H2);
+    assert_eq!(
+        alpn(&config),
+        (vec![b"h2".to_vec()], Some(vec![b"h2".to_vec()]))
+    );
+
+    // A management port speaking HTTP/1.1 over TLS.
+    let config = parsed(
+        &with_tls("port = 9600\nprotocol = \"http1\"\n"),
+        &config_path.display().to_string(),
+    );
+    let health = &config.backends[0].health;
+    assert_eq!(health.port, Some(9600));
+    assert_eq!(health.protocol_for(Protocol::H2), Protocol::Http1);
+    assert_eq!(
+        alpn(&config),
+        (vec![b"h2".to_vec()], Some(vec![b"http/1.1".to_vec()]))
+    );
+
+    // ... or plain.
+    let config = parsed(
+        &with_tls("port = 9600\nprotocol = \"http1\"\ntls = false\n"),
+        &config_path.display().to_string(),
+    );
+    assert_eq!(config.backends[0].health.tls, Some(false));
+    assert_eq!(alpn(&config).1, None);
+}
+
+#[test]
+fn check_port_protocol_and_tls_problems() {
+    let text =
+        format!("{MINIMAL}[backends.engines.health]\nport = 0\nprotocol = \"h3\"\ntls = true\n");
+    assert_eq!(
+        errors(&text),
+        [
+            "flowgate.toml:10:8: backends.engines.health.port: must be between 1 and 65535, got 0",
+            r#"flowgate.toml:11:12: backends.engines.health.protocol: invalid value "h3" (expected "http1" or "h2")"#,
+            "flowgate.toml:12:7: backends.engines.health.tls: checks speak TLS only to a backend with a tls table (it has the CA and server name to verify with)",
+        ]
+    );
+}

@@ -61,11 +61,16 @@ impl HealthChecks {
                     server.state.set_health(Health::Up);
                     continue;
                 }
+                let check = &backend.config.health;
+                let mut addr = server.addr;
+                if let Some(port) = check.port {
+                    addr.set_port(port);
+                }
                 let target = ProbeTarget {
-                    addr: server.addr,
-                    protocol: backend.config.protocol,
-                    check: backend.config.health.clone(),
-                    tls: server.pool.settings().tls.clone(),
+                    addr,
+                    protocol: check.protocol_for(backend.config.protocol),
+                    check: check.clone(),
+                    tls: crate::upstream::check_tls(&backend.config, server),
                 };
                 wanted.insert(key, (target, Arc::clone(&server.state), server.slow_start));
             }

@@ -72,23 +72,47 @@ pub enum Unavailable {
 /// `server_name`, else the host the server's address names.
 pub fn upstream_tls(backend: &config::Backend, server: &config::Server) -> Option<UpstreamTls> {
     let tls = backend.tls.as_ref()?;
-    let config = tls.client.clone()?;
+    Some(server_tls(
+        tls,
+        tls.client.clone()?,
+        &server.address,
+        server.addr,
+    ))
+}
+
+/// TLS settings for the health checks of one server: as [`upstream_tls`], with
+/// the checks' ALPN; `None` when checks speak plain TCP (`health.tls = false`).
+pub fn check_tls(backend: &config::Backend, server: &Server) -> Option<UpstreamTls> {
+    let tls = backend.tls.as_ref()?;
+    Some(server_tls(
+        tls,
+        tls.check_client.clone()?,
+        &server.address,
+        server.addr,
+    ))
+}
+
+fn server_tls(
+    tls: &config::BackendTls,
+    config: Arc<rustls::ClientConfig>,
+    address: &str,
+    addr: std::net::SocketAddr,
+) -> UpstreamTls {
     let host = match &tls.server_name {
         Some(name) => name.clone(),
-        None => server
-            .address
+        None => address
             .rsplit_once(':')
-            .map_or(server.address.as_str(), |(host, _)| host)
+            .map_or(address, |(host, _)| host)
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string(),
     };
     let server_name = rustls::pki_types::ServerName::try_from(host)
-        .unwrap_or_else(|_| rustls::pki_types::ServerName::from(server.addr.ip()));
-    Some(UpstreamTls {
+        .unwrap_or_else(|_| rustls::pki_types::ServerName::from(addr.ip()));
+    UpstreamTls {
         config,
         server_name,
-    })
+    }
 }
 
 /// Longest passive ejection, however often a server was ejected.

@@ -598,6 +598,8 @@ impl Drop for ResettingOrigin {
 pub struct CheckSeen {
     /// The status the engine answered.
     pub answered: u16,
+    /// The HTTP version the check came in.
+    pub version: hyper::Version,
     /// The answer came from [`Engine::script`].
     pub scripted: bool,
     /// The server's health in the proxy when the check arrived (once
@@ -662,6 +664,7 @@ impl Engine {
                     let answered = scripted.unwrap_or_else(|| status.load(Ordering::SeqCst));
                     checks.lock().expect("checks").push(CheckSeen {
                         answered,
+                        version: request.version(),
                         scripted: scripted.is_some(),
                         state: observed.get().map(|state| state.health()),
                     });
