@@ -100,7 +100,8 @@ pub fn server_config(tls: &config::FrontendTls) -> Result<Arc<ServerConfig>, Tls
         .map_err(|err| error(TlsSource::MinVersion, err.to_string()))?;
     let builder = match &tls.client_ca {
         Some(path) => {
-            let roots = load_roots(path).map_err(|message| error(TlsSource::ClientCa, message))?;
+            let (roots, _) =
+                load_roots(path).map_err(|message| error(TlsSource::ClientCa, message))?;
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
                     .build()
@@ -119,13 +120,20 @@ pub fn server_config(tls: &config::FrontendTls) -> Result<Arc<ServerConfig>, Tls
 
 /// The client config for a backend with a `tls` table: verifies servers against
 /// `ca` (or the system's roots) and offers the ALPN of the backend's protocol.
+/// With it, a digest of the CA certificates loaded (0 for the system's roots).
 pub fn client_config(
     tls: &config::BackendTls,
     protocol: Protocol,
-) -> Result<Arc<ClientConfig>, TlsError> {
+) -> Result<(Arc<ClientConfig>, u64), TlsError> {
     let provider = provider();
+    let mut ca_digest = 0;
     let roots = match &tls.ca {
-        Some(path) => load_roots(path).map_err(|message| error(TlsSource::Ca, message))?,
+        Some(path) => {
+            let (roots, digest) =
+                load_roots(path).map_err(|message| error(TlsSource::Ca, message))?;
+            ca_digest = digest;
+            roots
+        }
         None => {
             let mut roots = RootCertStore::empty();
             let native = rustls_native_certs::load_native_certs();
@@ -149,7 +157,7 @@ pub fn client_config(
         .with_webpki_verifier(verifier)
         .with_no_client_auth();
     config.alpn_protocols = alpn(protocol);
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), ca_digest))
 }
 
 /// The same client side, offering the ALPN of `protocol` instead (health
@@ -167,14 +175,18 @@ fn alpn(protocol: Protocol) -> Vec<Vec<u8>> {
     }
 }
 
-fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+/// The CA certificates in `path`, and a digest of them.
+fn load_roots(path: &Path) -> Result<(RootCertStore, u64), String> {
+    use std::hash::{Hash, Hasher};
     let mut roots = RootCertStore::empty();
+    let mut digest = std::hash::DefaultHasher::new();
     for cert in read_certs(path)? {
+        cert.as_ref().hash(&mut digest);
         roots
             .add(cert)
             .map_err(|err| format!("{}: {err}", path.display()))?;
     }
-    Ok(roots)
+    Ok((roots, digest.finish()))
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {

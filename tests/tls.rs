@@ -795,6 +795,95 @@ async fn h2_to_servers_over_tls_is_negotiated_by_alpn() {
     );
 }
 
+#[tokio::test]
+async fn checks_over_tls_offer_the_alpn_of_their_own_protocol() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let internal = TestCa::root("internal CA");
+    let ca = internal.write(dir.path(), "internal.pem");
+    let engine =
+        tls_engine(&internal.server_leaf(&["engine.internal"], KeyFormat::EcdsaPkcs8)).await;
+    // Traffic in h2, checks in HTTP/1.1, both over TLS to the same port.
+    let proxy = start_proxy(&plain_pair(
+        "web",
+        engine.addr,
+        &format!(
+            "protocol = \"h2\"\n\n\
+             [backends.web.health]\ncheck = \"http\"\npath = \"/health\"\nprotocol = \"http1\"\n\n\
+             [backends.web.tls]\nca = \"{}\"\nserver_name = \"engine.internal\"\n",
+            ca.display()
+        ),
+    ))
+    .await;
+    let check = server_state(&proxy, "web", 0).check_status();
+    assert_eq!((check.status, check.detail.as_str()), ("ok", "HTTP 200"));
+    let addr = proxy.local_addr("web").expect("bound");
+    assert_eq!(
+        fetch(&client(), addr, "/").await,
+        (200, "HTTP/2.0".to_string())
+    );
+    let alpn: Vec<Option<String>> = engine.handshakes().into_iter().map(|h| h.alpn).collect();
+    assert_eq!(
+        alpn[0].as_deref(),
+        Some("http/1.1"),
+        "the first check: {alpn:?}"
+    );
+    assert!(
+        alpn.contains(&Some("h2".to_string())),
+        "the traffic: {alpn:?}"
+    );
+}
+
+#[tokio::test]
+async fn pooled_tls_connections_outlive_a_reload_that_keeps_the_tls_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let internal = TestCa::root("internal CA");
+    let ca = internal.write(dir.path(), "internal.pem");
+    let engine = tls_engine(&internal.server_leaf(
+        &["engine.internal", "engine.example.com"],
+        KeyFormat::EcdsaPkcs8,
+    ))
+    .await;
+    let config = |server_name: &str| {
+        plain_pair(
+            "web",
+            engine.addr,
+            &format!(
+                "[backends.web.health]\ncheck = \"none\"\n\n\
+                 [backends.web.tls]\nca = \"{}\"\nserver_name = \"{server_name}\"\n",
+                ca.display()
+            ),
+        )
+    };
+    let parse = |text: &str| {
+        flowgate::config::parse(text, std::path::Path::new("test.toml"))
+            .unwrap_or_else(|errors| panic!("{errors}"))
+    };
+    let mut proxy = start_proxy(&config("engine.internal")).await;
+    let addr = proxy.local_addr("web").expect("bound");
+    let http = client();
+    assert_eq!(fetch(&http, addr, "/").await.0, 200);
+    assert_eq!(engine.handshakes().len(), 1);
+
+    // The same file again (a new client config, from the same CA): the pooled
+    // connection carries the next request.
+    proxy
+        .reload(parse(&config("engine.internal")))
+        .await
+        .expect("reload");
+    assert_eq!(fetch(&http, addr, "/").await.0, 200);
+    assert_eq!(engine.handshakes().len(), 1, "no new handshake");
+
+    // Another server name is another TLS identity: a new connection.
+    proxy
+        .reload(parse(&config("engine.example.com")))
+        .await
+        .expect("reload");
+    assert_eq!(fetch(&http, addr, "/").await.0, 200);
+    let handshakes = engine.handshakes();
+    assert_eq!(handshakes.len(), 2, "{handshakes:?}");
+    assert_eq!(handshakes[1].sni.as_deref(), Some("engine.example.com"));
+}
+
 // ---- Hostile handshakes ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

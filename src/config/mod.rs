@@ -387,6 +387,9 @@ pub struct BackendTls {
     /// The client side of health checks: `client` itself, or a copy offering
     /// the ALPN of `health.protocol`; `None` with `health.tls = false`.
     pub check_client: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// A digest of the CA file as loaded (0 for the system's roots): a reload
+    /// that loads the same keeps the servers' pooled TLS connections.
+    pub ca_digest: u64,
 }
 
 #[derive(Debug, Clone)]

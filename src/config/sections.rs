@@ -727,10 +727,14 @@ fn backend_tls(mut r: TableReader<'_>, protocol: Protocol) -> BackendTls {
             .and_then(|field| field.non_empty().map(str::to_string)),
         client: None,
         check_client: None,
+        ca_digest: 0,
     };
     // The CA file is read now, so a bad one is a config problem like any other.
     match crate::tls::client_config(&tls, protocol) {
-        Ok(client) => tls.client = Some(client),
+        Ok((client, ca_digest)) => {
+            tls.client = Some(client);
+            tls.ca_digest = ca_digest;
+        }
         Err(err) => r.context().report(&r.loc_of(&err.key()), err.message),
     }
     r.finish();

@@ -112,6 +112,7 @@ fn server_tls(
     UpstreamTls {
         config,
         server_name,
+        ca_digest: tls.ca_digest,
     }
 }
 

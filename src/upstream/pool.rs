@@ -59,11 +59,18 @@ pub struct UpstreamTls {
     pub config: Arc<rustls::ClientConfig>,
     /// Sent as SNI and verified against the server's certificate.
     pub server_name: ServerName<'static>,
+    /// Of the CA certificates `config` verifies with (0: the system's roots).
+    pub ca_digest: u64,
 }
 
+/// The same settings: the same CA certificates, server name and ALPN. A reload
+/// builds a new `config` from the same files; pools and checkers that compare
+/// equal are kept, with their connections and TLS sessions.
 impl PartialEq for UpstreamTls {
     fn eq(&self, other: &UpstreamTls) -> bool {
-        Arc::ptr_eq(&self.config, &other.config) && self.server_name == other.server_name
+        self.ca_digest == other.ca_digest
+            && self.server_name == other.server_name
+            && self.config.alpn_protocols == other.config.alpn_protocols
     }
 }
 
