@@ -25,9 +25,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
     if present == 0 {
         return;
     }
-    if present & hop::CONNECTION != 0 {
+    if present & hop::CONNECTION != 0 && !only_persistence(headers) {
         // Connection may come on several lines; every line names headers. (An
-        // empty Vec does not allocate, so the common case costs nothing.)
+        // empty Vec does not allocate.)
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -41,9 +41,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, tunnel: bool) {
         for name in named {
             headers.remove(name);
         }
-        if !tunnel {
-            headers.remove(header::CONNECTION);
-        }
+    }
+    if present & hop::CONNECTION != 0 && !tunnel {
+        headers.remove(header::CONNECTION);
     }
     if present & hop::UPGRADE != 0 && !tunnel {
         headers.remove(header::UPGRADE);
@@ -109,6 +109,18 @@ fn hop_by_hop(name: &HeaderName) -> u8 {
     } else {
         0
     }
+}
+
+/// Whether `Connection` is one line saying only `keep-alive` or `close` (what
+/// most servers send), which names no header to remove.
+fn only_persistence(headers: &HeaderMap) -> bool {
+    let mut lines = headers.get_all(header::CONNECTION).iter();
+    matches!(
+        (lines.next(), lines.next()),
+        (Some(value), None)
+            if value.as_bytes().eq_ignore_ascii_case(b"keep-alive")
+                || value.as_bytes().eq_ignore_ascii_case(b"close")
+    )
 }
 
 fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
@@ -246,6 +258,26 @@ mod tests {
         strip_hop_by_hop(&mut map, false);
         let left: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn a_lone_keep_alive_or_close_names_nothing_but_a_second_line_does() {
+        for value in ["keep-alive", "Keep-Alive", "close"] {
+            let mut map = headers(&[("connection", value), ("x-kept", "yes")]);
+            strip_hop_by_hop(&mut map, false);
+            let left: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, vec!["x-kept"], "{value}");
+        }
+        let mut map = headers(&[("x-secret", "1"), ("x-kept", "yes")]);
+        map.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        map.append(header::CONNECTION, HeaderValue::from_static("x-secret"));
+        strip_hop_by_hop(&mut map, false);
+        let left: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-kept"]);
+        // A tunnel keeps Connection (it asks for the upgrade).
+        let mut map = headers(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        strip_hop_by_hop(&mut map, true);
+        assert_eq!(map.len(), 2);
     }
 
     /// Each is found by the one pass over the names, also when it is the only
