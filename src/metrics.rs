@@ -73,6 +73,44 @@ impl AtomicHistogram {
     }
 }
 
+/// Bytes one connection moved in one direction, added to a shared counter in
+/// steps of at least [`BatchedCount::STEP`] and the rest at [`flush`]: the
+/// shared cache line is written once per step rather than on every read or
+/// write, and a long-lived connection (a gRPC stream, a tcp session) shows in
+/// the counters while it lives, not only when it ends.
+///
+/// [`flush`]: BatchedCount::flush
+#[derive(Debug, Default)]
+pub struct BatchedCount {
+    total: u64,
+    pending: u64,
+}
+
+impl BatchedCount {
+    pub const STEP: u64 = 16 * 1024;
+
+    #[inline]
+    pub fn add(&mut self, bytes: u64, shared: &AtomicU64) {
+        self.total += bytes;
+        self.pending += bytes;
+        if self.pending >= Self::STEP {
+            self.flush(shared);
+        }
+    }
+
+    /// Adds what the shared counter does not have yet.
+    pub fn flush(&mut self, shared: &AtomicU64) {
+        if self.pending > 0 {
+            shared.fetch_add(std::mem::take(&mut self.pending), Ordering::Relaxed);
+        }
+    }
+
+    /// Everything counted, flushed or not.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}
+
 /// A frontend's counters, kept across reloads.
 #[derive(Debug, Default)]
 pub struct FrontendStats {
@@ -421,6 +459,26 @@ pub fn render(runtime: &Runtime, reloads: &ReloadStats) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batched_counts_reach_the_shared_counter_in_steps_and_in_full_when_flushed() {
+        let shared = AtomicU64::new(0);
+        let mut count = BatchedCount::default();
+        count.add(BatchedCount::STEP - 1, &shared);
+        assert_eq!(shared.load(Ordering::Relaxed), 0, "below one step");
+        count.add(1, &shared);
+        assert_eq!(shared.load(Ordering::Relaxed), BatchedCount::STEP);
+        count.add(100, &shared);
+        assert_eq!(count.total(), BatchedCount::STEP + 100);
+        count.flush(&shared);
+        assert_eq!(shared.load(Ordering::Relaxed), BatchedCount::STEP + 100);
+        count.flush(&shared);
+        assert_eq!(
+            shared.load(Ordering::Relaxed),
+            BatchedCount::STEP + 100,
+            "once"
+        );
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {

@@ -1414,3 +1414,60 @@ fn hash_token_prints_the_digest_the_config_wants() {
     assert_eq!(empty.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&empty.stderr).contains("no token"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_counters_grow_while_a_connection_lives_and_end_exact() {
+    use tokio::io::AsyncWriteExt;
+    let origin = Origin::named("stored").await;
+    let flowgate = FlowgateProcess::run(&pool_config(&[origin.addr], CHECKS_OFF, ""));
+    let api = AdminApi::of(&flowgate).await;
+    let web = flowgate.frontend_addr("web").await;
+    let bytes = |scrape: &Scrape| {
+        let labels = [("frontend", "web")];
+        (
+            scrape.get("flowgate_frontend_received_bytes_total", &labels),
+            scrape.get("flowgate_frontend_sent_bytes_total", &labels),
+        )
+    };
+    assert_eq!(bytes(&api.scrape().await), (0.0, 0.0));
+
+    // A 40,000-byte upload on a keep-alive connection that stays open.
+    let body = vec![b'x'; 40_000];
+    let mut request = format!(
+        "POST /upload HTTP/1.1\r\nHost: engine\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let mut stream = tokio::net::TcpStream::connect(web).await.expect("connect");
+    stream.write_all(&request).await.expect("write");
+    let response = common::read_response(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("a response");
+    assert!(response.ends_with("stored"), "{response}");
+
+    // Counted while the connection lives, in steps of 16 KiB at most behind.
+    let (received, sent) = bytes(&api.scrape().await);
+    let request_len = request.len() as f64;
+    assert!(
+        received >= request_len - 16_384.0 && received <= request_len,
+        "{received} of {request_len} while open"
+    );
+    assert!(sent <= response.len() as f64, "{sent}");
+
+    // In full once it closes.
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let expected = (request_len, response.len() as f64);
+    loop {
+        let seen = bytes(&api.scrape().await);
+        if seen == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counters {seen:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -181,3 +181,63 @@ async fn max_connections_holds_back_further_sessions() {
     assert_eq!(echo.count(), 2);
     proxy.shutdown(Duration::from_secs(1)).await;
 }
+
+/// The frontend `raw`'s byte counters: (received from clients, sent to them).
+fn raw_bytes(proxy: &flowgate::supervisor::Proxy) -> (u64, u64) {
+    use std::sync::atomic::Ordering;
+    let runtime = proxy.runtime().load();
+    let stats = &runtime.frontend("raw").expect("frontend raw").stats;
+    (
+        stats.bytes_in.load(Ordering::Relaxed),
+        stats.bytes_out.load(Ordering::Relaxed),
+    )
+}
+
+#[tokio::test]
+async fn bytes_are_counted_while_a_session_lives_and_however_it_ends() {
+    let echo = EchoOrigin::start().await;
+    // A server that takes 100 bytes and resets the session.
+    let resetting = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let resetting_addr = resetting.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = resetting.accept().await {
+            let mut taken = [0u8; 100];
+            if stream.read_exact(&mut taken).await.is_ok() {
+                let _ = stream.set_linger(Some(Duration::ZERO));
+            }
+        }
+    });
+    let mut proxy = start_proxy(&config(&[echo.addr], "", "")).await;
+    let addr = proxy.local_addr("raw").expect("bound");
+
+    // 64 KiB each way while the session stays open: counted as it moves, at
+    // most one 16 KiB step behind.
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let large = vec![7u8; 64 * 1024];
+    assert_eq!(round_trip(&mut stream, &large).await, large);
+    let (received, sent) = raw_bytes(&proxy);
+    assert!((48 * 1024..=64 * 1024).contains(&received), "{received}");
+    assert!((48 * 1024..=64 * 1024).contains(&sent), "{sent}");
+    drop(stream);
+    common::wait_until(Duration::from_secs(5), "the session's rest counted", || {
+        raw_bytes(&proxy) == (64 * 1024, 64 * 1024)
+    })
+    .await;
+
+    // A session the server resets: what moved before is counted all the same.
+    let text = config(&[resetting_addr], "", "");
+    proxy
+        .reload(flowgate::config::parse(&text, std::path::Path::new("test.toml")).expect("config"))
+        .await
+        .expect("reload");
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(&[1u8; 100]).await.expect("write");
+    let (_, end) = read_until_close(&mut stream, Duration::from_secs(5)).await;
+    assert_eq!(end, ReadEnd::Closed);
+    common::wait_until(Duration::from_secs(5), "the reset session counted", || {
+        raw_bytes(&proxy) == (64 * 1024 + 100, 64 * 1024)
+    })
+    .await;
+}

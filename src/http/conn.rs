@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::metrics::FrontendStats;
+use crate::metrics::{BatchedCount, FrontendStats};
 
 /// How long an HTTP/1.1 connection waits for its next request before it is
 /// parked: hyper's connection (with its 8 KiB read and write buffers) ends as
@@ -139,20 +139,17 @@ pub struct ClientIo<S> {
     /// The last write or flush could not complete: hyper may hold bytes that
     /// the client has not taken yet, so the connection must not park.
     write_blocked: bool,
-    /// Bytes moved, added to the frontend's counters when the connection ends.
-    bytes_in: u64,
-    bytes_out: u64,
+    /// Bytes moved, added to the frontend's counters as they add up and in
+    /// full when the connection ends.
+    bytes_in: BatchedCount,
+    bytes_out: BatchedCount,
     stats: Arc<FrontendStats>,
 }
 
 impl<S> Drop for ClientIo<S> {
     fn drop(&mut self) {
-        self.stats
-            .bytes_in
-            .fetch_add(self.bytes_in, Ordering::Relaxed);
-        self.stats
-            .bytes_out
-            .fetch_add(self.bytes_out, Ordering::Relaxed);
+        self.bytes_in.flush(&self.stats.bytes_in);
+        self.bytes_out.flush(&self.stats.bytes_out);
     }
 }
 
@@ -187,8 +184,8 @@ impl<S> ClientIo<S> {
             armed: false,
             parked: false,
             write_blocked: false,
-            bytes_in: 0,
-            bytes_out: 0,
+            bytes_in: BatchedCount::default(),
+            bytes_out: BatchedCount::default(),
             stats,
         }
     }
@@ -236,7 +233,7 @@ impl<S> ClientIo<S> {
     }
 
     fn note_read(&mut self, count: usize) {
-        self.bytes_in += count as u64;
+        self.bytes_in.add(count as u64, &self.stats.bytes_in);
         let now = Instant::now();
         self.last_active = now;
         if self.protocol == Protocol::Http2 {
@@ -432,7 +429,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
             return Poll::Ready(Ok(buf.len()));
         }
         let written = ready!(this.blocking(|inner| Pin::new(inner).poll_write(cx, buf)))?;
-        this.bytes_out += written as u64;
+        this.bytes_out.add(written as u64, &this.stats.bytes_out);
         this.last_active = Instant::now();
         Poll::Ready(Ok(written))
     }
@@ -449,7 +446,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
             return Poll::Ready(Ok(bufs.iter().map(|buf| buf.len()).sum()));
         }
         let written = ready!(this.blocking(|inner| Pin::new(inner).poll_write_vectored(cx, bufs)))?;
-        this.bytes_out += written as u64;
+        this.bytes_out.add(written as u64, &this.stats.bytes_out);
         this.last_active = Instant::now();
         Poll::Ready(Ok(written))
     }

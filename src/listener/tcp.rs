@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::access_log::{AccessLog, Entry, TcpEntry};
 use crate::balance::PickContext;
+use crate::metrics::{BatchedCount, FrontendStats};
 use crate::runtime::Frontend;
 use crate::upstream::InFlightGuard;
 
@@ -34,15 +35,21 @@ pub async fn session<S>(
     let server = connected
         .as_ref()
         .map(|(_, guard)| Arc::clone(&guard.server().name));
-    let (mut bytes_in, mut bytes_out) = (0, 0);
+    // What the client sent and was sent, counted on the client's side as it
+    // moves: however the session ends (an error, the idle timeout), all of
+    // it is counted.
+    let mut counted = ClientBytes::default();
     if let Some((mut server_stream, guard)) = connected {
         let activity = Arc::new(Activity::new());
-        let mut client_side = Tracked::new(&mut client, &activity);
-        let mut server_side = Tracked::new(&mut server_stream, &activity);
+        let mut client_side = Tracked::new(
+            &mut client,
+            &activity,
+            Some((&frontend.stats, &mut counted)),
+        );
+        let mut server_side = Tracked::new(&mut server_stream, &activity, None);
         tokio::select! {
             copied = tokio::io::copy_bidirectional(&mut client_side, &mut server_side) => match copied {
                 Ok((up, down)) => {
-                    (bytes_in, bytes_out) = (up, down);
                     tracing::debug!(%peer, server = %guard.server().name, up, down, "session ended");
                 }
                 Err(err) => tracing::debug!(%peer, server = %guard.server().name, error = %err, "session ended with an error"),
@@ -51,15 +58,10 @@ pub async fn session<S>(
                 tracing::debug!(%peer, server = %guard.server().name, "session idle, closing");
             }
         }
-        frontend
-            .stats
-            .bytes_in
-            .fetch_add(bytes_in, std::sync::atomic::Ordering::Relaxed);
-        frontend
-            .stats
-            .bytes_out
-            .fetch_add(bytes_out, std::sync::atomic::Ordering::Relaxed);
     }
+    counted.received.flush(&frontend.stats.bytes_in);
+    counted.sent.flush(&frontend.stats.bytes_out);
+    let (bytes_in, bytes_out) = (counted.received.total(), counted.sent.total());
     // With no server, closing the client at once is the tcp-mode answer.
     if let Some(log) = access_log {
         log.log(Entry::Tcp(Box::new(TcpEntry {
@@ -171,11 +173,29 @@ impl Activity {
 struct Tracked<'a, S> {
     inner: &'a mut S,
     activity: &'a Activity,
+    /// On the client's side: the bytes it sent (read here) and was sent
+    /// (written here), and the frontend's counters they go to.
+    counted: Option<(&'a FrontendStats, &'a mut ClientBytes)>,
+}
+
+/// The bytes of one session, from the client's point of view.
+#[derive(Debug, Default)]
+struct ClientBytes {
+    received: BatchedCount,
+    sent: BatchedCount,
 }
 
 impl<'a, S> Tracked<'a, S> {
-    fn new(inner: &'a mut S, activity: &'a Activity) -> Self {
-        Tracked { inner, activity }
+    fn new(
+        inner: &'a mut S,
+        activity: &'a Activity,
+        counted: Option<(&'a FrontendStats, &'a mut ClientBytes)>,
+    ) -> Self {
+        Tracked {
+            inner,
+            activity,
+            counted,
+        }
     }
 }
 
@@ -188,8 +208,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         ready!(Pin::new(&mut *this.inner).poll_read(cx, buf))?;
-        if buf.filled().len() > before {
+        let read = buf.filled().len() - before;
+        if read > 0 {
             this.activity.touch();
+            if let Some((stats, counted)) = &mut this.counted {
+                counted.received.add(read as u64, &stats.bytes_in);
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -204,6 +228,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
         let this = self.get_mut();
         let written = ready!(Pin::new(&mut *this.inner).poll_write(cx, buf))?;
         this.activity.touch();
+        if let Some((stats, counted)) = &mut this.counted {
+            counted.sent.add(written as u64, &stats.bytes_out);
+        }
         Poll::Ready(Ok(written))
     }
 
