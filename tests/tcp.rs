@@ -205,7 +205,7 @@ async fn bytes_are_counted_while_a_session_lives_and_however_it_ends() {
         while let Ok((mut stream, _)) = resetting.accept().await {
             let mut taken = [0u8; 100];
             if stream.read_exact(&mut taken).await.is_ok() {
-                let _ = stream.set_linger(Some(Duration::ZERO));
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
             }
         }
     });
