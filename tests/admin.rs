@@ -1471,3 +1471,43 @@ async fn byte_counters_grow_while_a_connection_lives_and_end_exact() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_tls_serves_https_only() {
+    use common::tls::{ClientTls, KeyFormat, TestCa, https_get};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::root("admin CA");
+    let (cert, key) = ca
+        .server_leaf(&["admin.internal"], KeyFormat::EcdsaPkcs8)
+        .write(dir.path(), "admin");
+    let origin = Origin::named("ok").await;
+    let toml = format!(
+        "{}\n[admin.tls]\ncertificates = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+        pool_config(&[origin.addr], CHECKS_OFF, ""),
+        cert.display(),
+        key.display()
+    );
+    let flowgate = FlowgateProcess::run(&toml);
+    let admin = AdminApi::of(&flowgate).await.addr;
+    let trusting = ClientTls::trusting(&ca).config();
+
+    let (negotiated, status, body) = https_get(admin, &trusting, "admin.internal", "/metrics")
+        .await
+        .expect("HTTPS to the admin listener");
+    assert_eq!(status, 200);
+    assert!(body.contains("flowgate_frontend_requests_total"), "{body}");
+    assert_eq!(negotiated.version, Some(rustls::ProtocolVersion::TLSv1_3));
+    let (_, status, _) = https_get(admin, &trusting, "admin.internal", "/api/v1/backends")
+        .await
+        .expect("HTTPS");
+    assert_eq!(status, 401, "tokens are still needed");
+
+    // Plain HTTP gets no answer: the token never crosses the wire in clear.
+    let plain = common::raw_exchange(
+        admin,
+        b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(!plain.starts_with("HTTP/"), "{plain:?}");
+}

@@ -7,7 +7,8 @@
 //! proxy: bound before the frontends at start (a bind failure fails the start),
 //! rebound when a reload changes `admin.bind`, given new tokens at once when a
 //! reload changes them, and kept serving through a graceful stop (with
-//! `/readyz` answering 503) until the proxy's work is done.
+//! `/readyz` answering 503) until the proxy's work is done. With `[admin.tls]`
+//! it speaks HTTPS only; a reload's certificates apply to new connections.
 
 mod api;
 pub mod auth;
@@ -21,10 +22,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,6 +40,8 @@ const MAX_CONNECTIONS: usize = 256;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a stopped admin listener lets its requests finish.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// A TLS handshake must complete in this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every admin request can see and change.
 #[derive(Debug)]
@@ -48,6 +51,8 @@ pub struct AdminContext {
     reload: ReloadHandle,
     /// Swapped when a reload changes `admin.tokens`.
     tokens: ArcSwap<Vec<AdminToken>>,
+    /// `[admin.tls]`, swapped by every reload (new certificates).
+    tls: ArcSwapOption<rustls::ServerConfig>,
     /// Bound frontend addresses (the real port where the config says 0).
     listeners: ArcSwap<Vec<(Arc<str>, SocketAddr)>>,
     /// Set when a graceful stop began: `/readyz` answers 503.
@@ -107,11 +112,13 @@ impl Admin {
     pub fn new(proxy: &Proxy, reload: ReloadHandle) -> Admin {
         let runtime = Arc::clone(proxy.runtime());
         let tokens = admin_tokens(&runtime.load().config);
+        let tls = admin_tls(&runtime.load().config);
         let ctx = AdminContext {
             runtime,
             reloads: Arc::clone(proxy.reload_stats()),
             reload,
             tokens: ArcSwap::from_pointee(tokens),
+            tls: ArcSwapOption::new(tls),
             listeners: ArcSwap::from_pointee(bound_listeners(proxy)),
             stopping: AtomicBool::new(false),
             state_writes: tokio::sync::Mutex::new(()),
@@ -156,6 +163,7 @@ impl Admin {
     pub fn update(&mut self, proxy: &Proxy) {
         let config = Arc::clone(&proxy.runtime().load().config);
         self.ctx.tokens.store(Arc::new(admin_tokens(&config)));
+        self.ctx.tls.store(admin_tls(&config));
         self.ctx.listeners.store(Arc::new(bound_listeners(proxy)));
         let Some(admin) = &config.admin else {
             if let Some(old) = self.listener.take() {
@@ -205,6 +213,10 @@ fn admin_tokens(config: &config::Config) -> Vec<AdminToken> {
         .unwrap_or_default()
 }
 
+fn admin_tls(config: &config::Config) -> Option<Arc<rustls::ServerConfig>> {
+    config.admin.as_ref()?.tls.as_ref()?.server.clone()
+}
+
 fn bound_listeners(proxy: &Proxy) -> Vec<(Arc<str>, SocketAddr)> {
     proxy
         .listeners()
@@ -242,13 +254,28 @@ async fn accept_loop(
         };
         let (ctx, stop) = (Arc::clone(&ctx), stop.clone());
         tasks.spawn(async move {
-            serve_connection(stream, ctx, stop).await;
+            match ctx.tls.load_full() {
+                None => serve_connection(stream, ctx, stop).await,
+                Some(tls) => {
+                    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                        Ok(Ok(stream)) => serve_connection(stream, ctx, stop).await,
+                        Ok(Err(err)) => {
+                            tracing::debug!(error = %err, "admin TLS handshake failed");
+                        }
+                        Err(_) => tracing::debug!("admin TLS handshake timed out"),
+                    }
+                }
+            }
             drop(slot);
         });
     }
 }
 
-async fn serve_connection(stream: TcpStream, ctx: Arc<AdminContext>, stop: CancellationToken) {
+async fn serve_connection<S>(stream: S, ctx: Arc<AdminContext>, stop: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |request| {
         let ctx = Arc::clone(&ctx);
         async move { Ok::<_, Infallible>(api::handle(&ctx, request).await) }

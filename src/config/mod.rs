@@ -68,14 +68,14 @@ impl Config {
     /// watches these beside the config file itself.
     pub fn referenced_files(&self) -> Vec<PathBuf> {
         let mut files = Vec::new();
-        for frontend in &self.frontends {
-            if let Some(tls) = &frontend.tls {
-                for pair in &tls.certificates {
-                    files.push(pair.cert.clone());
-                    files.push(pair.key.clone());
-                }
-                files.extend(tls.client_ca.clone());
+        let admin_tls = self.admin.as_ref().and_then(|admin| admin.tls.as_ref());
+        let frontend_tls = self.frontends.iter().filter_map(|f| f.tls.as_ref());
+        for tls in frontend_tls.chain(admin_tls) {
+            for pair in &tls.certificates {
+                files.push(pair.cert.clone());
+                files.push(pair.key.clone());
             }
+            files.extend(tls.client_ca.clone());
         }
         for backend in &self.backends {
             if let Some(tls) = &backend.tls {
@@ -129,6 +129,8 @@ pub enum LogFormat {
 pub struct Admin {
     pub bind: SocketAddr,
     pub tokens: Vec<AdminToken>,
+    /// `[admin.tls]`: the admin API over HTTPS (HTTP/1.1 only).
+    pub tls: Option<FrontendTls>,
 }
 
 #[derive(Debug, Clone)]

@@ -54,6 +54,8 @@ const TLS_VERSIONS: &[(&str, TlsVersion)] =
     &[("1.2", TlsVersion::Tls12), ("1.3", TlsVersion::Tls13)];
 
 const ALPN_PROTOCOLS: &[&str] = &["h2", "http/1.1"];
+/// The admin API speaks HTTP/1.1 only.
+const ADMIN_ALPN: &[&str] = &["http/1.1"];
 
 /// Request heads smaller than this cannot hold a realistic request.
 const MIN_HEADER_BYTES: u64 = 1024;
@@ -155,12 +157,15 @@ fn admin(mut r: TableReader<'_>) -> (Admin, AdminLocations) {
         tokens.push(token);
         token_names.push(name_loc);
     }
+    let tls = r
+        .table("tls")
+        .map(|table| frontend_tls(table, ADMIN_ALPN, ADMIN_ALPN));
     r.finish();
     let locations = AdminLocations {
         bind: bind_loc,
         token_names,
     };
-    (Admin { bind, tokens }, locations)
+    (Admin { bind, tokens, tls }, locations)
 }
 
 fn admin_token(mut r: TableReader<'_>, index: usize) -> (AdminToken, Loc) {
@@ -236,7 +241,13 @@ fn frontend(named: Named, mut r: TableReader<'_>) -> (Frontend, FrontendLocation
         .map(frontend_timeouts)
         .unwrap_or_default();
     let limits = r.table("limits").map(limits).unwrap_or_default();
-    let tls = r.table("tls").map(|table| frontend_tls(table, mode));
+    let tls = r.table("tls").map(|table| {
+        let offered: &[&str] = match mode {
+            Mode::Http => ALPN_PROTOCOLS,
+            Mode::Tcp => &[],
+        };
+        frontend_tls(table, offered, ALPN_PROTOCOLS)
+    });
 
     let routes_field = r.get("routes");
     let mut routes = Vec::new();
@@ -333,7 +344,10 @@ fn limits(mut r: TableReader<'_>) -> Limits {
     Limits { max_header_bytes }
 }
 
-fn frontend_tls(mut r: TableReader<'_>, mode: Mode) -> FrontendTls {
+/// A `tls` table that serves TLS: a frontend's, or the admin listener's.
+/// `offered`: the ALPN protocols offered when the table names none;
+/// `allowed`: those it may name.
+fn frontend_tls(mut r: TableReader<'_>, offered: &[&str], allowed: &[&str]) -> FrontendTls {
     let mut certificates = Vec::new();
     // Where each pair's cert and key are written, for problems reading them.
     let mut pair_locs = Vec::new();
@@ -360,20 +374,19 @@ fn frontend_tls(mut r: TableReader<'_>, mode: Mode) -> FrontendTls {
         Some(items) => items
             .into_iter()
             .filter_map(|(protocol, field)| {
-                if ALPN_PROTOCOLS.contains(&protocol.as_str()) {
+                if allowed.contains(&protocol.as_str()) {
                     Some(protocol)
                 } else {
+                    let expected: Vec<String> = allowed.iter().map(|p| format!("{p:?}")).collect();
                     field.error(format!(
-                        "invalid alpn protocol {protocol:?} (expected \"h2\" or \"http/1.1\")"
+                        "invalid alpn protocol {protocol:?} (expected {})",
+                        expected.join(" or ")
                     ));
                     None
                 }
             })
             .collect(),
-        None => match mode {
-            Mode::Http => ALPN_PROTOCOLS.iter().map(|p| p.to_string()).collect(),
-            Mode::Tcp => Vec::new(),
-        },
+        None => offered.iter().map(|p| p.to_string()).collect(),
     };
     let mut tls = FrontendTls {
         certificates,

@@ -1078,3 +1078,43 @@ fn check_port_protocol_and_tls_problems() {
         ]
     );
 }
+
+#[test]
+fn admin_tls_loads_its_certificates_and_speaks_http1_only() {
+    let root = tempfile::tempdir().expect("tempdir");
+    write_pair(
+        &root.path().join("admin.pem"),
+        &root.path().join("admin.key"),
+    );
+    let path = root.path().join("flowgate.toml");
+    let text = |alpn: &str| {
+        format!(
+            "[admin]\nbind = \"127.0.0.1:9100\"\n\n[admin.tls]\ncertificates = [{{ cert = \"admin.pem\", key = \"admin.key\" }}]\n{alpn}\n{MINIMAL}"
+        )
+    };
+    let config = parsed(&text(""), &path.display().to_string());
+    let tls = config
+        .admin
+        .as_ref()
+        .and_then(|admin| admin.tls.as_ref())
+        .expect("admin tls");
+    assert_eq!(tls.alpn, ["http/1.1"]);
+    let server = tls.server.as_ref().expect("loaded");
+    assert_eq!(server.alpn_protocols, [b"http/1.1".to_vec()]);
+    // A rotated admin certificate is a reload like a frontend's.
+    assert_eq!(
+        config.referenced_files(),
+        [root.path().join("admin.pem"), root.path().join("admin.key")]
+    );
+    let errors = match parse(&text("alpn = [\"h2\"]"), &path) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    };
+    assert_eq!(
+        errors,
+        [format!(
+            r#"{}:6:9: admin.tls.alpn[0]: invalid alpn protocol "h2" (expected "http/1.1")"#,
+            path.display()
+        )]
+    );
+}
