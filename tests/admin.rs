@@ -1418,7 +1418,12 @@ fn hash_token_prints_the_digest_the_config_wants() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn byte_counters_grow_while_a_connection_lives_and_end_exact() {
     use tokio::io::AsyncWriteExt;
-    let origin = Origin::named("stored").await;
+    // Reads the whole upload before answering.
+    let origin = Origin::start(|request: Request<hyper::body::Incoming>| async move {
+        let stored = request.into_body().collect().await.is_ok();
+        Response::new(full(if stored { "stored" } else { "broken" }))
+    })
+    .await;
     let flowgate = FlowgateProcess::run(&pool_config(&[origin.addr], CHECKS_OFF, ""));
     let api = AdminApi::of(&flowgate).await;
     let web = flowgate.frontend_addr("web").await;
