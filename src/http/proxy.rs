@@ -168,36 +168,41 @@ async fn forward(
     let tunnel = request.version() == Version::HTTP_11 && is_upgrade_request(request.headers());
     let client_upgrade = tunnel.then(|| hyper::upgrade::on(&mut request));
 
-    let (mut parts, body) = request.into_parts();
-    let backend = Arc::clone(frontend.router.route(&parts));
-    trace.backend = Some(Arc::clone(&backend.name));
-    // Taken before the head is rewritten for the server.
-    let key = RequestKey::of(&backend.config, &parts);
-    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
-    });
-    strip_hop_by_hop(&mut parts.headers, tunnel);
-    // flowgate itself answers "Expect: 100-continue" (hyper sends the 100 when
-    // the body is first read, i.e. once a server connection is ready).
-    parts.headers.remove(header::EXPECT);
-    set_forwarded(
-        &mut parts.headers,
-        &ctx.forwarded_for,
-        ctx.https,
-        host.clone(),
-    );
-    trace.request_id = Some(ensure_request_id(&mut parts.headers));
-    set_target(&mut parts, &backend, host)?;
-
-    let body = if body.is_end_stream() {
-        RequestBody::Empty
-    } else {
-        RequestBody::Streaming(body)
+    let backend;
+    let key;
+    // The head is rewritten in a block of its own: what it takes apart is
+    // then not kept in this future's state beside what it puts together.
+    let request = {
+        let (mut parts, body) = request.into_parts();
+        backend = Arc::clone(frontend.router.route(&parts));
+        trace.backend = Some(Arc::clone(&backend.name));
+        // Taken before the head is rewritten for the server.
+        key = RequestKey::of(&backend.config, &parts);
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+        });
+        strip_hop_by_hop(&mut parts.headers, tunnel);
+        // flowgate itself answers "Expect: 100-continue" (hyper sends the 100
+        // when the body is first read, i.e. once a server connection is ready).
+        parts.headers.remove(header::EXPECT);
+        set_forwarded(
+            &mut parts.headers,
+            &ctx.forwarded_for,
+            ctx.https,
+            host.clone(),
+        );
+        trace.request_id = Some(ensure_request_id(&mut parts.headers));
+        set_target(&mut parts, &backend, host)?;
+        let body = if body.is_end_stream() {
+            RequestBody::Empty
+        } else {
+            RequestBody::Streaming(body)
+        };
+        Request::from_parts(parts, body)
     };
-    let request = Request::from_parts(parts, body);
     let key = key.as_ref().map(RequestKey::as_bytes);
     let (mut response, guard, connection) =
         std::pin::pin!(send(ctx, &backend, key, request, trace)).await?;

@@ -12,9 +12,12 @@
 //! `try_send_request` hands a request back when a pooled connection turned out to
 //! be closed before it was written.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -282,6 +285,33 @@ enum Sender {
     H2(http2::SendRequest<RequestBody>),
 }
 
+/// What sending a request on a server connection gives.
+pub type SendResult = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>;
+
+pin_project_lite::pin_project! {
+    /// A request on its way over an HTTP/1.1 or an HTTP/2 connection.
+    #[project = SendingProjection]
+    pub enum Sending<A, B> {
+        Http1 { #[pin] inner: A },
+        H2 { #[pin] inner: B },
+    }
+}
+
+impl<A, B> Future for Sending<A, B>
+where
+    A: Future<Output = SendResult>,
+    B: Future<Output = SendResult>,
+{
+    type Output = SendResult;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SendResult> {
+        match self.project() {
+            SendingProjection::Http1 { inner } => inner.poll(cx),
+            SendingProjection::H2 { inner } => inner.poll(cx),
+        }
+    }
+}
+
 /// A connection checked out of a pool for one request. Hand it back with
 /// [`Connection::release`] once the response has been read to its end; dropping
 /// it instead closes an HTTP/1.1 connection.
@@ -313,13 +343,20 @@ impl Connection {
 
     /// Sends the request. When the request was not written at all (the pooled
     /// connection was closed), the error gives it back for another attempt.
-    pub async fn send(
+    ///
+    /// Not an async fn: that would hold the request a second time beside
+    /// hyper's future, and this future is part of every request's state.
+    pub fn send(
         &mut self,
         request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<RequestBody>>> {
+    ) -> Sending<impl Future<Output = SendResult>, impl Future<Output = SendResult>> {
         match &mut self.sender {
-            Sender::Http1(sender) => sender.try_send_request(request).await,
-            Sender::H2(sender) => sender.try_send_request(request).await,
+            Sender::Http1(sender) => Sending::Http1 {
+                inner: sender.try_send_request(request),
+            },
+            Sender::H2(sender) => Sending::H2 {
+                inner: sender.try_send_request(request),
+            },
         }
     }
 
