@@ -1462,19 +1462,14 @@ async fn byte_counters_grow_while_a_connection_lives_and_end_exact() {
 
     // In full once it closes.
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(5);
     let expected = (request_len, response.len() as f64);
-    loop {
-        let seen = bytes(&api.scrape().await);
-        if seen == expected {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "counters {seen:?}, expected {expected:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (api, bytes) = (&api, &bytes);
+    eventually(
+        Duration::from_secs(5),
+        &format!("the byte counters to reach {expected:?}"),
+        || async move { bytes(&api.scrape().await) == expected },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -758,8 +758,12 @@ async fn tls_to_servers_names_the_address_host_by_default() {
     assert!(engine.handshakes().iter().all(|h| h.sni.is_none()));
 }
 
-#[tokio::test]
-async fn h2_to_servers_over_tls_is_negotiated_by_alpn() {
+/// A TLS engine for engine.internal behind a proxy that speaks h2 to it over
+/// TLS and checks it with HTTP checks; `health` adds keys to the check table.
+/// The directory holds the CA file the proxy verifies with.
+async fn h2_over_tls_to(
+    health: &str,
+) -> (tempfile::TempDir, TlsOrigin, flowgate::supervisor::Proxy) {
     let dir = tempfile::tempdir().expect("tempdir");
     let internal = TestCa::root("internal CA");
     let ca = internal.write(dir.path(), "internal.pem");
@@ -770,12 +774,18 @@ async fn h2_to_servers_over_tls_is_negotiated_by_alpn() {
         engine.addr,
         &format!(
             "protocol = \"h2\"\n\n\
-             [backends.web.health]\ncheck = \"http\"\npath = \"/health\"\n\n\
+             [backends.web.health]\ncheck = \"http\"\npath = \"/health\"\n{health}\n\
              [backends.web.tls]\nca = \"{}\"\nserver_name = \"engine.internal\"\n",
             ca.display()
         ),
     ))
     .await;
+    (dir, engine, proxy)
+}
+
+#[tokio::test]
+async fn h2_to_servers_over_tls_is_negotiated_by_alpn() {
+    let (_dir, engine, proxy) = h2_over_tls_to("").await;
     // The HTTP check went over TLS with h2 too.
     let check = server_state(&proxy, "web", 0).check_status();
     assert_eq!((check.status, check.detail.as_str()), ("ok", "HTTP 200"));
@@ -797,23 +807,8 @@ async fn h2_to_servers_over_tls_is_negotiated_by_alpn() {
 
 #[tokio::test]
 async fn checks_over_tls_offer_the_alpn_of_their_own_protocol() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let internal = TestCa::root("internal CA");
-    let ca = internal.write(dir.path(), "internal.pem");
-    let engine =
-        tls_engine(&internal.server_leaf(&["engine.internal"], KeyFormat::EcdsaPkcs8)).await;
     // Traffic in h2, checks in HTTP/1.1, both over TLS to the same port.
-    let proxy = start_proxy(&plain_pair(
-        "web",
-        engine.addr,
-        &format!(
-            "protocol = \"h2\"\n\n\
-             [backends.web.health]\ncheck = \"http\"\npath = \"/health\"\nprotocol = \"http1\"\n\n\
-             [backends.web.tls]\nca = \"{}\"\nserver_name = \"engine.internal\"\n",
-            ca.display()
-        ),
-    ))
-    .await;
+    let (_dir, engine, proxy) = h2_over_tls_to("protocol = \"http1\"\n").await;
     let check = server_state(&proxy, "web", 0).check_status();
     assert_eq!((check.status, check.detail.as_str()), ("ok", "HTTP 200"));
     let addr = proxy.local_addr("web").expect("bound");
