@@ -153,6 +153,9 @@ impl Pool {
     async fn open_http1(self: &Arc<Self>) -> Result<Connection, ConnectError> {
         let stream = self.connect().await?;
         let (sender, connection) = http1::Builder::new()
+            // As for client connections (src/http/server.rs): a request head
+            // and a small body in one buffer, one plain write.
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await?;
         tokio::spawn(async move {
