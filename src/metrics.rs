@@ -111,6 +111,37 @@ impl BatchedCount {
     }
 }
 
+/// The bytes one client connection or tcp session moved, from the client's
+/// point of view, on their way into its frontend's counters.
+#[derive(Debug, Default)]
+pub struct ClientBytes {
+    received: BatchedCount,
+    sent: BatchedCount,
+}
+
+impl ClientBytes {
+    #[inline]
+    pub fn received(&mut self, bytes: u64, stats: &FrontendStats) {
+        self.received.add(bytes, &stats.bytes_in);
+    }
+
+    #[inline]
+    pub fn sent(&mut self, bytes: u64, stats: &FrontendStats) {
+        self.sent.add(bytes, &stats.bytes_out);
+    }
+
+    /// Adds what the counters do not have yet (when the connection ends).
+    pub fn flush(&mut self, stats: &FrontendStats) {
+        self.received.flush(&stats.bytes_in);
+        self.sent.flush(&stats.bytes_out);
+    }
+
+    /// Everything received and sent, flushed or not.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.received.total(), self.sent.total())
+    }
+}
+
 /// A frontend's counters, kept across reloads.
 #[derive(Debug, Default)]
 pub struct FrontendStats {

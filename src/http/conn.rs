@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::metrics::{BatchedCount, FrontendStats};
+use crate::metrics::{ClientBytes, FrontendStats};
 
 /// How long an HTTP/1.1 connection waits for its next request before it is
 /// parked: hyper's connection (with its 8 KiB read and write buffers) ends as
@@ -141,15 +141,13 @@ pub struct ClientIo<S> {
     write_blocked: bool,
     /// Bytes moved, added to the frontend's counters as they add up and in
     /// full when the connection ends.
-    bytes_in: BatchedCount,
-    bytes_out: BatchedCount,
+    bytes: ClientBytes,
     stats: Arc<FrontendStats>,
 }
 
 impl<S> Drop for ClientIo<S> {
     fn drop(&mut self) {
-        self.bytes_in.flush(&self.stats.bytes_in);
-        self.bytes_out.flush(&self.stats.bytes_out);
+        self.bytes.flush(&self.stats);
     }
 }
 
@@ -184,8 +182,7 @@ impl<S> ClientIo<S> {
             armed: false,
             parked: false,
             write_blocked: false,
-            bytes_in: BatchedCount::default(),
-            bytes_out: BatchedCount::default(),
+            bytes: ClientBytes::default(),
             stats,
         }
     }
@@ -233,7 +230,7 @@ impl<S> ClientIo<S> {
     }
 
     fn note_read(&mut self, count: usize) {
-        self.bytes_in.add(count as u64, &self.stats.bytes_in);
+        self.bytes.received(count as u64, &self.stats);
         let now = Instant::now();
         self.last_active = now;
         if self.protocol == Protocol::Http2 {
@@ -429,7 +426,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
             return Poll::Ready(Ok(buf.len()));
         }
         let written = ready!(this.blocking(|inner| Pin::new(inner).poll_write(cx, buf)))?;
-        this.bytes_out.add(written as u64, &this.stats.bytes_out);
+        this.bytes.sent(written as u64, &this.stats);
         this.last_active = Instant::now();
         Poll::Ready(Ok(written))
     }
@@ -446,7 +443,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
             return Poll::Ready(Ok(bufs.iter().map(|buf| buf.len()).sum()));
         }
         let written = ready!(this.blocking(|inner| Pin::new(inner).poll_write_vectored(cx, bufs)))?;
-        this.bytes_out.add(written as u64, &this.stats.bytes_out);
+        this.bytes.sent(written as u64, &this.stats);
         this.last_active = Instant::now();
         Poll::Ready(Ok(written))
     }

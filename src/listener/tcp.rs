@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::access_log::{AccessLog, Entry, TcpEntry};
 use crate::balance::PickContext;
-use crate::metrics::{BatchedCount, FrontendStats};
+use crate::metrics::{ClientBytes, FrontendStats};
 use crate::runtime::Frontend;
 use crate::upstream::InFlightGuard;
 
@@ -59,9 +59,8 @@ pub async fn session<S>(
             }
         }
     }
-    counted.received.flush(&frontend.stats.bytes_in);
-    counted.sent.flush(&frontend.stats.bytes_out);
-    let (bytes_in, bytes_out) = (counted.received.total(), counted.sent.total());
+    counted.flush(&frontend.stats);
+    let (bytes_in, bytes_out) = counted.totals();
     // With no server, closing the client at once is the tcp-mode answer.
     if let Some(log) = access_log {
         log.log(Entry::Tcp(Box::new(TcpEntry {
@@ -178,13 +177,6 @@ struct Tracked<'a, S> {
     counted: Option<(&'a FrontendStats, &'a mut ClientBytes)>,
 }
 
-/// The bytes of one session, from the client's point of view.
-#[derive(Debug, Default)]
-struct ClientBytes {
-    received: BatchedCount,
-    sent: BatchedCount,
-}
-
 impl<'a, S> Tracked<'a, S> {
     fn new(
         inner: &'a mut S,
@@ -212,7 +204,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
         if read > 0 {
             this.activity.touch();
             if let Some((stats, counted)) = &mut this.counted {
-                counted.received.add(read as u64, &stats.bytes_in);
+                counted.received(read as u64, stats);
             }
         }
         Poll::Ready(Ok(()))
@@ -229,7 +221,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
         let written = ready!(Pin::new(&mut *this.inner).poll_write(cx, buf))?;
         this.activity.touch();
         if let Some((stats, counted)) = &mut this.counted {
-            counted.sent.add(written as u64, &stats.bytes_out);
+            counted.sent(written as u64, stats);
         }
         Poll::Ready(Ok(written))
     }
