@@ -30,8 +30,9 @@
 # generator launched first, the template's ports) in the 1st, 3rd, ...
 # repetition and B in the 2nd, 4th, ..., so any bias of position cancels out
 # over an even number of repetitions. The report gives, per path and
-# repetition, A's and B's CPU seconds per 10,000 requests and B/A, then the
-# median of the ratios with min-max. Every request must be answered 2xx: a
+# repetition, A's and B's CPU seconds per 10,000 requests and B/A, and each
+# one's p99 latency as its load generator saw it (h2load's from its
+# --log-file) and B/A, then the medians of the ratios with min-max. Every request must be answered 2xx: a
 # non-2xx answer, a socket error or a failed load generator makes the run
 # exit 1 (such a repetition is left out of the median).
 #
@@ -247,7 +248,7 @@ drive() {
     local row=$1 seconds=$2 prefix=$3 slot
     local -a pids=()
     for slot in 0 1; do
-        load_command "$row" "${SLOT_PORT[slot]}" "$seconds" "" "${SLOT_TLS[slot]}"
+        load_command "$row" "${SLOT_PORT[slot]}" "$seconds" "$prefix-${NAMES[SLOT_WHO[slot]]}.h2log" "${SLOT_TLS[slot]}"
         start_bg - "$prefix-${NAMES[SLOT_WHO[slot]]}.txt" timeout -k 5 $((seconds + 60)) "${LOAD[@]}"
         pids[slot]=$STARTED_PID
     done
@@ -259,18 +260,20 @@ drive() {
 }
 
 # Reads the load generator's output FILE of ROW (exit status RC) into PARSED
-# ("RPS P50 P99 REQUESTS ERRORS"); returns 1, with the reason in WHY, when the
-# run failed or its output cannot be read.
+# ("RPS P50 P99 REQUESTS ERRORS"; h2load's latencies from FILE with .h2log for
+# .txt); returns 1, with the reason in WHY, when the run failed or its output
+# cannot be read.
 parse_load() {
     local row=$1 file=$2 rc=$3 tool=wrk
+    local -a h2log=()
     PARSED="" WHY=""
     if ((rc != 0)); then
         WHY="load generator failed (exit $rc)"
     elif [[ $row == h2 ]] && ! grep -q '^Application protocol: h2' "$file"; then
         WHY="no h2 by ALPN"
     else
-        [[ $row == h2 ]] && tool=h2load
-        PARSED=$(python3 "$TEMPLATES/results.py" "$tool" "$file" 2>/dev/null) || PARSED=""
+        [[ $row == h2 ]] && tool=h2load h2log=("${file%.txt}.h2log")
+        PARSED=$(python3 "$TEMPLATES/results.py" "$tool" "$file" "${h2log[@]}" 2>/dev/null) || PARSED=""
         [[ -n $PARSED ]] && return 0
         WHY="unreadable output"
     fi
@@ -281,13 +284,13 @@ parse_load() {
 # Records a cell that could not be measured.
 fail_cell() {
     log "$1 (rep $((REP + 1))): $2"
-    printf '%s\t%s\t%s\t%s\t\t\t\t\t\t\t\t\n' "$1" $((REP + 1)) "${NAMES[SLOT_WHO[0]]}" "$2" >>"$CELLS_TSV"
+    printf '%s\t%s\t%s\t%s\t\t\t\t\t\t\t\t\t\t\n' "$1" $((REP + 1)) "${NAMES[SLOT_WHO[0]]}" "$2" >>"$CELLS_TSV"
     FAILED=1
 }
 
 run_cell() {
     local row=$1 slot i base t0 t1
-    local -a ticks0=() ticks1=() rps=() requests=() errors=()
+    local -a ticks0=() ticks1=() rps=() p99=() requests=() errors=()
     CELL="$row-rep$((REP + 1))"
     base="$TMP/out/$CELL"
     # A in the first position on even REP (the 1st, 3rd, ... repetition), B on odd.
@@ -329,7 +332,7 @@ run_cell() {
             fail_cell "$row" "${NAMES[i]}: $WHY"
             return
         fi
-        read -r "rps[i]" _ _ "requests[i]" "errors[i]" <<<"$PARSED"
+        read -r "rps[i]" _ "p99[i]" "requests[i]" "errors[i]" <<<"$PARSED"
         if ((requests[i] == 0)); then
             fail_cell "$row" "${NAMES[i]}: no request completed"
             return
@@ -342,8 +345,9 @@ run_cell() {
     done
     t0=$((ticks1[0] - ticks0[0]))
     t1=$((ticks1[1] - ticks0[1]))
-    printf '%s\t%s\t%s\tok\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$row" $((REP + 1)) "${NAMES[SLOT_WHO[0]]}" \
-        "$t0" "${requests[0]}" "${rps[0]}" "${errors[0]}" "$t1" "${requests[1]}" "${rps[1]}" "${errors[1]}" >>"$CELLS_TSV"
+    printf '%s\t%s\t%s\tok\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$row" $((REP + 1)) "${NAMES[SLOT_WHO[0]]}" \
+        "$t0" "${requests[0]}" "${rps[0]}" "${errors[0]}" "$t1" "${requests[1]}" "${rps[1]}" "${errors[1]}" \
+        "${p99[0]}" "${p99[1]}" >>"$CELLS_TSV"
     log "$row: A ${requests[0]} requests, $(awk -v t="$t0" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }') s CPU;" \
         "B ${requests[1]} requests, $(awk -v t="$t1" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }') s CPU;" \
         "errors ${errors[0]} / ${errors[1]}"
@@ -371,23 +375,35 @@ report_row() {
             isort(a, n)
             return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
         }
+        function spread(a, n,   i, lo, hi) {
+            lo = hi = a[1]
+            for (i = 2; i <= n; i++) { if (a[i] < lo) lo = a[i]; if (a[i] > hi) hi = a[i] }
+            return sprintf("%.3f (%.3f–%.3f)", median(a, n), lo, hi)
+        }
         $1 == row {
             if ($4 != "ok") {
-                printf "| %s | %s | not measured: %s | | | | | |\n", $2, $3, $4
+                printf "| %s | %s | not measured: %s | | | | | | | | |\n", $2, $3, $4
                 next
             }
             if ($5 <= 0 || $9 <= 0) {
-                printf "| %s | %s | not measured: no CPU time counted | | | | | |\n", $2, $3
+                printf "| %s | %s | not measured: no CPU time counted | | | | | | | | |\n", $2, $3
                 next
             }
             a = $5 / hz * 10000 / $6
             b = $9 / hz * 10000 / $10
             r = b / a
+            # p99 ratio: only where both load generators gave one.
+            pr = ($13 > 0 && $14 > 0) ? $14 / $13 : 0
             note = ""
             if ($8 + $12 > 0) note = " (left out: errors)"
-            else { n++; ra[n] = r; aa[n] = a; bb[n] = b }
-            printf "| %s | %s | %.3f | %.3f | %.3f%s | %s | %s | %d / %d |\n", \
-                $2, $3, a, b, r, note, commas($7), commas($11), $8, $12
+            else {
+                n++; ra[n] = r; aa[n] = a; bb[n] = b
+                if (pr > 0) { m++; pa[m] = $13; pb[m] = $14; pra[m] = pr }
+            }
+            printf "| %s | %s | %.3f | %.3f | %.3f%s | %s | %s | %s | %s | %s | %d / %d |\n", \
+                $2, $3, a, b, r, note, commas($7), commas($11), \
+                ($13 > 0 ? sprintf("%.2f", $13) : "n/a"), ($14 > 0 ? sprintf("%.2f", $14) : "n/a"), \
+                (pr > 0 ? sprintf("%.3f", pr) : "n/a"), $8, $12
         }
         END {
             if (n == 0) {
@@ -395,12 +411,12 @@ report_row() {
                 print "B/A CPU per request: n/a (no repetition measured without errors)"
                 exit
             }
-            lo = hi = ra[1]
-            for (i = 2; i <= n; i++) { if (ra[i] < lo) lo = ra[i]; if (ra[i] > hi) hi = ra[i] }
-            ma = median(aa, n); mb = median(bb, n); mr = median(ra, n)
-            printf "| median | | %.3f | %.3f | %.3f (%.3f–%.3f) | | | |\n", ma, mb, mr, lo, hi
+            cpu = spread(ra, n)
+            p99 = (m > 0) ? spread(pra, m) : "n/a"
+            printf "| median | | %.3f | %.3f | %s | | | %s | %s | %s | |\n", median(aa, n), median(bb, n), cpu, \
+                (m > 0 ? sprintf("%.2f", median(pa, m)) : "n/a"), (m > 0 ? sprintf("%.2f", median(pb, m)) : "n/a"), p99
             print ""
-            printf "B/A CPU per request: median %.3f (%.3f–%.3f)\n", mr, lo, hi
+            printf "B/A CPU per request: median %s; B/A p99 latency: median %s\n", cpu, p99
         }' "$CELLS_TSV"
 }
 
@@ -443,7 +459,7 @@ log "measured in $((SECONDS - RUN_START)) s"
 cpu_model=$(machine_cpu)
 
 {
-    echo "# flowgate A/B: proxy CPU seconds per 10,000 requests"
+    echo "# flowgate A/B: proxy CPU seconds per 10,000 requests, p99 latency"
     echo
     echo "- command: \`$COMMAND\`"
     for i in 0 1; do
@@ -464,7 +480,7 @@ cpu_model=$(machine_cpu)
         "core $PROXY_CPU; the three nginx origins (one worker) and one load generator per proxy on core $LOAD_CPU." \
         "Each cell starts both afresh, drives both at once for $WARMUP s of unmeasured warm-up, then for" \
         "$DURATION s; CPU is each process's utime + stime (from /proc/PID/stat) over that window, per 10,000" \
-        "requests its load generator completed. $REPS repetition(s) of every path; \"first\" is the binary" \
+        "requests its load generator completed; p99 is the latency its load generator measured over the same window. $REPS repetition(s) of every path; \"first\" is the binary" \
         "started first, on :${SLOT_PORT[0]}/:${SLOT_TLS[0]} (the other on :${SLOT_PORT[1]}/:${SLOT_TLS[1]}), A on" \
         "the 1st, 3rd, ... repetition and B on the others. The median row gives the medians of each column;" \
         "B/A there is the median of the per-repetition ratios, with min–max."
@@ -475,8 +491,8 @@ cpu_model=$(machine_cpu)
         echo
         echo "Load, per proxy: \`${LOAD[*]}\` (and the same on :${SLOT_PORT[1]}/:${SLOT_TLS[1]})."
         echo
-        echo "| rep | first | A CPU s / 10k req | B CPU s / 10k req | B/A | A req/s | B req/s | errors A / B |"
-        echo "| --: | :-: | --: | --: | --: | --: | --: | --: |"
+        echo "| rep | first | A CPU s / 10k req | B CPU s / 10k req | B/A | A req/s | B req/s | A p99 ms | B p99 ms | p99 B/A | errors A / B |"
+        echo "| --: | :-: | --: | --: | --: | --: | --: | --: | --: | --: | --: |"
         report_row "$row"
     done
     echo
