@@ -246,8 +246,9 @@ impl<S> ClientIo<S> {
         }
     }
 
-    /// When the connection must give up, if nothing happens before.
-    fn deadline(&self) -> Instant {
+    /// When the connection must give up, if nothing happens before (`now`
+    /// is the time already read by the caller).
+    fn deadline(&self, now: Instant) -> Instant {
         // (The head timer and parking concern HTTP/1.1 only.)
         if self.protocol != Protocol::Http2 && self.activity.head_pending.load(Ordering::Acquire) {
             self.head_started + self.timeouts.request_header
@@ -261,7 +262,7 @@ impl<S> ClientIo<S> {
         } else {
             // A request is in flight: nothing expires, but look again later in
             // case the connection goes idle without another read.
-            Instant::now() + self.timeouts.client_idle
+            now + self.timeouts.client_idle
         }
     }
 }
@@ -350,8 +351,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
             }
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
             Poll::Pending => loop {
-                let deadline = this.deadline();
                 let now = Instant::now();
+                let deadline = this.deadline(now);
                 if deadline <= now {
                     if this.may_park(now) {
                         // End of stream for hyper, which then ends its

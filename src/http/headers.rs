@@ -140,9 +140,36 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
         })
 }
 
-/// The client's address as X-Forwarded-For lists it; made once per connection.
+/// The client's address as X-Forwarded-For lists it; made once per connection
+/// and cloned into each of its requests.
+///
+/// Formatted on the stack and shared from the start ([`shared_value`]): one
+/// allocation, where a value made from a `String` costs three on a
+/// connection's first request (the string, its growth and the shared copy
+/// its first clone makes).
 pub fn forwarded_for_value(client: IpAddr) -> HeaderValue {
-    HeaderValue::from_str(&client.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+    use std::io::Write as _;
+    /// Holds the text: "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255" is the
+    /// longest an address prints, 45 bytes.
+    struct Text {
+        buf: [u8; 48],
+        len: usize,
+    }
+    impl AsRef<[u8]> for Text {
+        fn as_ref(&self) -> &[u8] {
+            &self.buf[..self.len]
+        }
+    }
+    let mut text = Text {
+        buf: [0; 48],
+        len: 0,
+    };
+    let mut rest = &mut text.buf[..];
+    if write!(rest, "{client}").is_err() {
+        return HeaderValue::from_static("unknown");
+    }
+    text.len = 48 - rest.len();
+    shared_value(text).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// Appends the client (see [`forwarded_for_value`]) to X-Forwarded-For and sets
@@ -179,13 +206,10 @@ pub fn set_forwarded(
 }
 
 /// Keeps the client's X-Request-Id or sets a new one; returns the id.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(&X_REQUEST_ID) {
-        return id.clone();
-    }
-    let id = RequestIds::global().next();
-    headers.insert(X_REQUEST_ID.clone(), id.clone());
-    id
+pub fn ensure_request_id(headers: &mut HeaderMap) -> &HeaderValue {
+    headers
+        .entry(&X_REQUEST_ID)
+        .or_insert_with(|| RequestIds::global().next())
 }
 
 /// Request ids: 32 hex digits, a random per-process half and a counter half, so
@@ -216,8 +240,15 @@ impl RequestIds {
         let mut digits = [0u8; 32];
         hex(self.prefix, &mut digits[..16]);
         hex(count, &mut digits[16..]);
-        HeaderValue::from_bytes(&digits).unwrap_or(HeaderValue::from_static("0"))
+        shared_value(digits).unwrap_or(HeaderValue::from_static("0"))
     }
+}
+
+/// A header value whose clones share `text`: one allocation, however often
+/// it is cloned. A value copied from a slice is cheap to clone only after its
+/// first clone, which makes a shared copy (one more allocation).
+fn shared_value<T: AsRef<[u8]> + Send + 'static>(text: T) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).ok()
 }
 
 fn hex(mut value: u64, out: &mut [u8]) {
@@ -372,9 +403,28 @@ mod tests {
     fn request_ids_are_kept_or_unique() {
         let mut map = headers(&[("x-request-id", "abc")]);
         assert_eq!(ensure_request_id(&mut map), "abc");
-        let a = ensure_request_id(&mut HeaderMap::new());
-        let b = ensure_request_id(&mut HeaderMap::new());
+        assert_eq!(map.get_all("x-request-id").iter().count(), 1);
+        let (mut first, mut second) = (HeaderMap::new(), HeaderMap::new());
+        let a = ensure_request_id(&mut first).clone();
+        let b = ensure_request_id(&mut second).clone();
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
+        assert_eq!(first["x-request-id"], a);
+    }
+
+    #[test]
+    fn forwarded_for_values_print_the_address() {
+        for (address, text) in [
+            ("127.0.0.1", "127.0.0.1"),
+            ("::1", "::1"),
+            (
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            ),
+            ("::ffff:255.255.255.255", "::ffff:255.255.255.255"),
+        ] {
+            let value = forwarded_for_value(address.parse().expect("address"));
+            assert_eq!(value, text);
+        }
     }
 }

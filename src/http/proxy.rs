@@ -58,7 +58,8 @@ pub async fn handle(
     ctx: Arc<ConnContext>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let started = Instant::now();
+    // Only the access log uses it: no clock read per request without one.
+    let started = ctx.access_log.is_some().then(Instant::now);
     let active = ctx.activity.begin_request();
     ctx.connection
         .stats()
@@ -101,25 +102,28 @@ pub async fn handle(
         let body = body.track(active);
         match &ctx.access_log {
             None => body,
-            Some(log) => body.log(PendingLog {
-                log: Arc::clone(log),
-                entry: Box::new(HttpEntry {
-                    time: SystemTime::now() - started.elapsed(),
-                    client: ctx.client,
-                    frontend: ctx.listener.frontend(),
-                    backend: trace.backend,
-                    server: trace.server,
-                    method,
-                    uri,
-                    status,
-                    bytes: 0,
-                    ttfb: started.elapsed(),
-                    total: Duration::ZERO,
-                    request_id: trace.request_id,
-                    retries: trace.retries,
-                }),
-                started,
-            }),
+            Some(log) => {
+                let started = started.unwrap_or_else(Instant::now);
+                body.log(PendingLog {
+                    log: Arc::clone(log),
+                    entry: Box::new(HttpEntry {
+                        time: SystemTime::now() - started.elapsed(),
+                        client: ctx.client,
+                        frontend: ctx.listener.frontend(),
+                        backend: trace.backend,
+                        server: trace.server,
+                        method,
+                        uri,
+                        status,
+                        bytes: 0,
+                        ttfb: started.elapsed(),
+                        total: Duration::ZERO,
+                        request_id: trace.request_id,
+                        retries: trace.retries,
+                    }),
+                    started,
+                })
+            }
         }
     }))
 }
@@ -185,6 +189,9 @@ async fn forward(
                 .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
         });
         strip_hop_by_hop(&mut parts.headers, tunnel);
+        // Room for what is added below (X-Forwarded-For, -Proto, -Host,
+        // X-Request-Id, Host): the map grows at most once.
+        parts.headers.reserve(5);
         // flowgate itself answers "Expect: 100-continue" (hyper sends the 100
         // when the body is first read, i.e. once a server connection is ready).
         parts.headers.remove(header::EXPECT);
@@ -194,7 +201,10 @@ async fn forward(
             ctx.https,
             host.clone(),
         );
-        trace.request_id = Some(ensure_request_id(&mut parts.headers));
+        let id = ensure_request_id(&mut parts.headers);
+        // Only the access log names it; a copy made here would be its own
+        // allocation on every request.
+        trace.request_id = ctx.access_log.is_some().then(|| id.clone());
         set_target(&mut parts, &backend, host)?;
         let body = if body.is_end_stream() {
             RequestBody::Empty
@@ -381,10 +391,11 @@ async fn send(
                 return Err(ProxyError::ResponseTimeout(timeout));
             }
             Ok(Ok(response)) => {
-                server.state.record_response_time(sent.elapsed());
+                let waited = sent.elapsed();
+                server.state.record_response_time(waited);
                 let status = response.status();
                 server.state.count_response(status.as_u16());
-                backend.stats.response_seconds.observe(sent.elapsed());
+                backend.stats.response_seconds.observe(waited);
                 if matches!(status.as_u16(), 502..=504) {
                     backend.record_failure(&server, status.as_str());
                 } else {
