@@ -71,13 +71,17 @@ pub struct ConnActivity {
     in_flight: AtomicU32,
     /// Bytes of a request head have arrived and its request has not started yet.
     head_pending: AtomicBool,
+    /// The latest request asked for the connection to close after it.
+    last: AtomicBool,
 }
 
 impl ConnActivity {
     /// A request head is complete; counts the request until the guard drops.
-    pub fn begin_request(self: &Arc<Self>) -> ActiveRequest {
+    /// `last`: the client asked for the connection to close after it.
+    pub fn begin_request(self: &Arc<Self>, last: bool) -> ActiveRequest {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.head_pending.store(false, Ordering::Release);
+        self.last.store(last, Ordering::Release);
         ActiveRequest {
             activity: Arc::clone(self),
         }
@@ -457,9 +461,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
         let this = self.get_mut();
         ready!(this.poll_write_replacement(cx))?;
         ready!(this.blocking(|inner| Pin::new(inner).poll_flush(cx)))?;
-        if this.armed && this.activity.idle() {
+        if this.armed && this.activity.idle() && !this.activity.last.load(Ordering::Acquire) {
             // A response has just gone out whole and hyper's read is already
-            // waiting on a later deadline: wake up in time to park.
+            // waiting on a later deadline: wake up in time to park. (Not
+            // after the last response: the connection closes now. An earlier
+            // timer also costs a system call: tokio wakes its driver to look
+            // at the new deadline.)
             let _ = this.arm_timer(this.last_active + PARK_AFTER, cx);
         }
         Poll::Ready(Ok(()))

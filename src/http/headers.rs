@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -130,6 +131,22 @@ fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
         .split(',')
         .map(str::trim)
         .filter(|token| !token.is_empty())
+}
+
+/// Whether a request is its connection's last, as its client asked: HTTP/1.1
+/// with `Connection: close`, HTTP/1.0 without `Connection: keep-alive`.
+pub fn closes_connection(version: Version, headers: &HeaderMap) -> bool {
+    let says = |wanted: &str| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|value| connection_tokens(value).any(|token| token.eq_ignore_ascii_case(wanted)))
+    };
+    match version {
+        Version::HTTP_09 | Version::HTTP_10 => !says("keep-alive"),
+        Version::HTTP_11 => says("close"),
+        _ => false,
+    }
 }
 
 /// Whether the request asks for a protocol upgrade (WebSocket and the like).
@@ -397,6 +414,22 @@ mod tests {
             values,
             vec![&b"203.0.113.7, 198.51.100.2, 192.0.2.1, 127.0.0.1"[..]]
         );
+    }
+
+    #[test]
+    fn last_requests_are_told_by_version_and_connection() {
+        let close = headers(&[("connection", "Close")]);
+        let keep = headers(&[("connection", "keep-alive")]);
+        let listed = headers(&[("connection", "upgrade"), ("connection", "x-a, close")]);
+        let none = HeaderMap::new();
+        assert!(closes_connection(Version::HTTP_11, &close));
+        assert!(closes_connection(Version::HTTP_11, &listed));
+        assert!(!closes_connection(Version::HTTP_11, &keep));
+        assert!(!closes_connection(Version::HTTP_11, &none));
+        assert!(closes_connection(Version::HTTP_10, &none));
+        assert!(closes_connection(Version::HTTP_10, &close));
+        assert!(!closes_connection(Version::HTTP_10, &keep));
+        assert!(!closes_connection(Version::HTTP_2, &close));
     }
 
     #[test]

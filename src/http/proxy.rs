@@ -20,7 +20,9 @@ use super::body::{Completion, PendingLog, RequestBody, ResponseBody};
 use super::conn::ConnActivity;
 use super::error::ProxyError;
 use super::hash_key::RequestKey;
-use super::headers::{ensure_request_id, is_upgrade_request, set_forwarded, strip_hop_by_hop};
+use super::headers::{
+    closes_connection, ensure_request_id, is_upgrade_request, set_forwarded, strip_hop_by_hop,
+};
 use crate::access_log::{AccessLog, HttpEntry};
 use crate::balance::PickContext;
 use crate::config::Protocol;
@@ -60,7 +62,9 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     // Only the access log uses it: no clock read per request without one.
     let started = ctx.access_log.is_some().then(Instant::now);
-    let active = ctx.activity.begin_request();
+    let active = ctx
+        .activity
+        .begin_request(closes_connection(request.version(), request.headers()));
     ctx.connection
         .stats()
         .requests
