@@ -250,24 +250,28 @@ impl<S> ClientIo<S> {
         }
     }
 
-    /// When the connection must give up, if nothing happens before (`now`
-    /// is the time already read by the caller).
-    fn deadline(&self, now: Instant) -> Instant {
+    /// When the connection must give up (or park), if nothing happens
+    /// before; `None` while a request is in flight: nothing expires then.
+    fn due(&self) -> Option<Instant> {
         // (The head timer and parking concern HTTP/1.1 only.)
         if self.protocol != Protocol::Http2 && self.activity.head_pending.load(Ordering::Acquire) {
-            self.head_started + self.timeouts.request_header
+            Some(self.head_started + self.timeouts.request_header)
         } else if self.activity.idle() {
             let idle = self.last_active + self.timeouts.client_idle;
-            if self.armed {
+            Some(if self.armed {
                 idle.min(self.last_active + PARK_AFTER)
             } else {
                 idle
-            }
+            })
         } else {
-            // A request is in flight: nothing expires, but look again later in
-            // case the connection goes idle without another read.
-            now + self.timeouts.client_idle
+            None
         }
+    }
+
+    /// Whether the armed timer wakes the task in time for `due`: then there
+    /// is nothing to look at before it fires, and no need to read the clock.
+    fn timer_in_time(&self, due: Option<Instant>) -> bool {
+        !self.timer.is_elapsed() && due.is_none_or(|due| self.timer.deadline() <= due)
     }
 }
 
@@ -355,8 +359,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
             }
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
             Poll::Pending => loop {
+                let due = this.due();
+                if this.timer_in_time(due) {
+                    // Most waits: the timer armed for an earlier deadline (or
+                    // this one) is still ahead.
+                    if this.timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    continue;
+                }
                 let now = Instant::now();
-                let deadline = this.deadline(now);
+                // A request in flight: look again later, in case the
+                // connection goes idle without another read.
+                let deadline = due.unwrap_or(now + this.timeouts.client_idle);
                 if deadline <= now {
                     if this.may_park(now) {
                         // End of stream for hyper, which then ends its

@@ -382,9 +382,10 @@ async fn send(
         // A copy to send again if the server fails after receiving it.
         let spare = (replayable && retries_left > 0).then(|| copy_head(&request));
         let timeout = backend.config.timeouts.response;
-        let sent = std::time::Instant::now();
+        let sent = tokio::time::Instant::now();
         let sent_result = {
-            let send = std::pin::pin!(tokio::time::timeout(timeout, connection.send(request)));
+            let send = connection.send(request);
+            let send = std::pin::pin!(tokio::time::timeout_at(sent + timeout, send));
             send.await
         };
         match sent_result {
