@@ -3,16 +3,23 @@
 //! The directories are watched, not the files: editors save by writing a new
 //! file and renaming it over the old one, and Kubernetes swaps a `..data`
 //! symlink; both replace the file a watch on the file itself would follow.
-//! Every event in a watched directory that can change a file (not opening,
-//! reading or closing one unwritten) only wakes the supervisor, which then
-//! compares a fingerprint of the files' contents, so unrelated files in the same
-//! directory cost a read, never a reload. A burst of events (an editor's save)
-//! is one wake-up: it ends after `DEBOUNCE` of quiet.
+//! An event wakes the supervisor when it can change a watched file: it names
+//! one of them (a write, or a new file renamed over it), or an entry of
+//! Kubernetes' atomic writer (`..data` and its kin), and it is not only an
+//! open, a read or a close unwritten. Other files in the same directory (an
+//! access log, say) wake nothing. The supervisor then compares a fingerprint
+//! of the files' contents, so an event that changed nothing costs a read,
+//! never a reload. A burst of events (an editor's save) is one wake-up: it
+//! ends after `DEBOUNCE` of quiet.
 
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
@@ -26,6 +33,8 @@ const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
 pub struct ConfigWatcher {
     watcher: RecommendedWatcher,
     dirs: HashSet<PathBuf>,
+    /// The watched files' names, read by the watcher's own thread.
+    names: Arc<ArcSwap<HashSet<OsString>>>,
     events: mpsc::UnboundedReceiver<()>,
 }
 
@@ -40,8 +49,10 @@ impl std::fmt::Debug for ConfigWatcher {
 impl ConfigWatcher {
     pub fn new() -> notify::Result<ConfigWatcher> {
         let (sender, events) = mpsc::unbounded_channel();
+        let names = Arc::new(ArcSwap::from_pointee(HashSet::new()));
+        let watched = Arc::clone(&names);
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|event| may_change(&event.kind)) {
+            if event.is_ok_and(|event| may_change(&event, &watched.load())) {
                 // The receiver is gone only when the process is stopping.
                 let _ = sender.send(());
             }
@@ -49,12 +60,18 @@ impl ConfigWatcher {
         Ok(ConfigWatcher {
             watcher,
             dirs: HashSet::new(),
+            names,
             events,
         })
     }
 
     /// Watches the directories of `files` (and stops watching the others).
     pub fn watch(&mut self, files: &[PathBuf]) {
+        let names = files
+            .iter()
+            .filter_map(|file| file.file_name().map(OsString::from))
+            .collect();
+        self.names.store(Arc::new(names));
         let wanted: HashSet<PathBuf> = files.iter().map(|file| directory_of(file)).collect();
         for dir in self.dirs.difference(&wanted) {
             let _ = self.watcher.unwatch(dir);
@@ -92,15 +109,26 @@ impl ConfigWatcher {
     }
 }
 
-/// Whether an event can mean new contents. Opening, reading and closing a
-/// file unwritten cannot, and the fingerprint itself does all three: waking
-/// on them would read the files again and again.
-fn may_change(kind: &EventKind) -> bool {
-    match kind {
+/// Whether an event can mean new contents for a file named in `names`.
+/// Opening, reading and closing a file unwritten cannot, and the fingerprint
+/// itself does all three: waking on them would read the files again and
+/// again. An event without paths (the kernel's queue overflowed) may hide
+/// anything.
+fn may_change(event: &notify::Event, names: &HashSet<OsString>) -> bool {
+    let writes = match event.kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         EventKind::Access(_) => false,
         _ => true,
-    }
+    };
+    writes
+        && (event.paths.is_empty()
+            || event.paths.iter().any(|path| {
+                path.file_name().is_some_and(|name| {
+                    // Kubernetes swaps `..data` (and writes `..data_tmp`,
+                    // `..2026_...`) to replace every file of a volume at once.
+                    names.contains(name) || name.as_encoded_bytes().starts_with(b"..")
+                })
+            }))
 }
 
 fn directory_of(file: &Path) -> PathBuf {
@@ -155,24 +183,71 @@ mod tests {
         assert_ne!(fingerprint(&files), before);
     }
 
+    #[tokio::test]
+    async fn other_files_in_the_directory_wake_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("flowgate.toml");
+        std::fs::write(&file, "# one\n").expect("write");
+        let mut watcher = ConfigWatcher::new().expect("watcher");
+        watcher.watch(std::slice::from_ref(&file));
+
+        // An access log beside the config, written to and replaced.
+        let log = dir.path().join("access.log");
+        std::fs::write(&log, "line\n").expect("write");
+        std::fs::rename(&log, dir.path().join("access.log.1")).expect("rename");
+        assert!(
+            tokio::time::timeout(QUIET, watcher.changed())
+                .await
+                .is_err(),
+            "woken by another file"
+        );
+
+        // A new config renamed over the old one, as editors save.
+        let saved = dir.path().join(".flowgate.toml.swp");
+        std::fs::write(&saved, "# two\n").expect("write");
+        std::fs::rename(&saved, &file).expect("rename");
+        tokio::time::timeout(DEADLINE, watcher.changed())
+            .await
+            .expect("a save wakes the watcher");
+    }
+
     #[test]
-    fn only_reads_are_ignored() {
-        use notify::event::{CreateKind, ModifyKind, RenameMode};
+    fn only_writes_to_watched_files_count() {
+        use notify::event::{CreateKind, ModifyKind, RemoveKind, RenameMode};
+        let names: HashSet<OsString> = [OsString::from("flowgate.toml")].into();
+        let event = |kind, path: &str| notify::Event::new(kind).add_path(PathBuf::from(path));
         for kind in [
             EventKind::Access(AccessKind::Open(AccessMode::Any)),
             EventKind::Access(AccessKind::Read),
             EventKind::Access(AccessKind::Close(AccessMode::Read)),
         ] {
-            assert!(!may_change(&kind), "{kind:?}");
+            assert!(
+                !may_change(&event(kind, "/etc/flowgate/flowgate.toml"), &names),
+                "{kind:?}"
+            );
         }
         for kind in [
             EventKind::Access(AccessKind::Close(AccessMode::Write)),
             EventKind::Create(CreateKind::File),
             EventKind::Modify(ModifyKind::Name(RenameMode::To)),
-            EventKind::Remove(notify::event::RemoveKind::File),
+            EventKind::Remove(RemoveKind::File),
             EventKind::Any,
         ] {
-            assert!(may_change(&kind), "{kind:?}");
+            assert!(
+                may_change(&event(kind, "/etc/flowgate/flowgate.toml"), &names),
+                "{kind:?}"
+            );
+            assert!(
+                !may_change(&event(kind, "/etc/flowgate/access.log"), &names),
+                "{kind:?}"
+            );
         }
+        // Kubernetes' atomic writer renames `..data_tmp` to `..data`.
+        let swap = notify::Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
+            .add_path(PathBuf::from("/etc/flowgate/..data_tmp"))
+            .add_path(PathBuf::from("/etc/flowgate/..data"));
+        assert!(may_change(&swap, &names));
+        // An overflowed queue names nothing.
+        assert!(may_change(&notify::Event::new(EventKind::Other), &names));
     }
 }
