@@ -21,6 +21,11 @@ use crate::config::{self, LogFormat};
 /// Entries waiting for the writer at most; more are dropped (and counted).
 const CAPACITY: usize = 16 * 1024;
 
+/// How long the writer lets entries gather after the first of a batch:
+/// traffic then costs one wake-up of the writer and one write per batch,
+/// not per request (lines show at most this much later).
+const BATCH: Duration = Duration::from_millis(20);
+
 /// One request, as the access log shows it.
 #[derive(Debug)]
 pub struct HttpEntry {
@@ -145,27 +150,32 @@ impl Writer {
     fn run(mut self) {
         let mut line = String::with_capacity(512);
         let mut out = BufWriter::with_capacity(64 * 1024, self.sink_writer());
-        // Ends when every sender is gone (the proxy stopped).
-        while let Some(entry) = self.receiver.blocking_recv() {
-            if self.reopen.swap(false, Ordering::AcqRel) {
-                let _ = out.flush();
-                drop(out);
-                self.reopen_file();
-                out = BufWriter::with_capacity(64 * 1024, self.sink_writer());
+        // Asleep until the first entry of a batch; ends when every sender is
+        // gone (the proxy stopped), after writing what is left.
+        while let Some(first) = self.receiver.blocking_recv() {
+            // The rest of the batch arrives meanwhile, and queueing an entry
+            // for a writer that is not waiting costs the sender no wake-up.
+            std::thread::sleep(BATCH);
+            let mut next = Some(first);
+            while let Some(entry) = next {
+                if self.reopen.swap(false, Ordering::AcqRel) {
+                    let _ = out.flush();
+                    drop(out);
+                    self.reopen_file();
+                    out = BufWriter::with_capacity(64 * 1024, self.sink_writer());
+                }
+                line.clear();
+                match self.format {
+                    LogFormat::Text => format_text(&entry, &mut line),
+                    LogFormat::Json => format_json(&entry, &mut line),
+                }
+                if !line.is_empty() {
+                    let _ = out.write_all(line.as_bytes());
+                }
+                next = self.receiver.try_recv().ok();
             }
-            line.clear();
-            match self.format {
-                LogFormat::Text => format_text(&entry, &mut line),
-                LogFormat::Json => format_json(&entry, &mut line),
-            }
-            if !line.is_empty() {
-                let _ = out.write_all(line.as_bytes());
-            }
-            // Flush whenever the writer has caught up, so lines show at once
-            // when traffic is light and are batched when it is heavy.
-            if self.receiver.is_empty() {
-                let _ = out.flush();
-            }
+            // Caught up: the batch goes out (a full buffer went out already).
+            let _ = out.flush();
         }
         let _ = out.flush();
     }
