@@ -136,25 +136,24 @@ fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
 /// Whether a request is its connection's last, as its client asked: HTTP/1.1
 /// with `Connection: close`, HTTP/1.0 without `Connection: keep-alive`.
 pub fn closes_connection(version: Version, headers: &HeaderMap) -> bool {
-    let says = |wanted: &str| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|value| connection_tokens(value).any(|token| token.eq_ignore_ascii_case(wanted)))
-    };
     match version {
-        Version::HTTP_09 | Version::HTTP_10 => !says("keep-alive"),
-        Version::HTTP_11 => says("close"),
+        Version::HTTP_09 | Version::HTTP_10 => !connection_lists(headers, "keep-alive"),
+        Version::HTTP_11 => connection_lists(headers, "close"),
         _ => false,
     }
 }
 
 /// Whether the request asks for a protocol upgrade (WebSocket and the like).
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers.get_all(header::CONNECTION).iter().any(|value| {
-            connection_tokens(value).any(|token| token.eq_ignore_ascii_case("upgrade"))
-        })
+    headers.contains_key(header::UPGRADE) && connection_lists(headers, "upgrade")
+}
+
+/// Whether any `Connection` line lists `token`.
+fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|value| connection_tokens(value).any(|listed| listed.eq_ignore_ascii_case(token)))
 }
 
 /// The client's address as X-Forwarded-For lists it; made once per connection
@@ -168,8 +167,9 @@ pub fn forwarded_for_value(client: IpAddr) -> HeaderValue {
     use std::io::Write as _;
     /// Holds the text: "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255" is the
     /// longest an address prints, 45 bytes.
+    const ROOM: usize = 48;
     struct Text {
-        buf: [u8; 48],
+        buf: [u8; ROOM],
         len: usize,
     }
     impl AsRef<[u8]> for Text {
@@ -178,14 +178,14 @@ pub fn forwarded_for_value(client: IpAddr) -> HeaderValue {
         }
     }
     let mut text = Text {
-        buf: [0; 48],
+        buf: [0; ROOM],
         len: 0,
     };
     let mut rest = &mut text.buf[..];
     if write!(rest, "{client}").is_err() {
         return HeaderValue::from_static("unknown");
     }
-    text.len = 48 - rest.len();
+    text.len = ROOM - rest.len();
     shared_value(text).unwrap_or(HeaderValue::from_static("unknown"))
 }
 

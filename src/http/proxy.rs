@@ -60,8 +60,8 @@ pub async fn handle(
     ctx: Arc<ConnContext>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    // Only the access log uses it: no clock read per request without one.
-    let started = ctx.access_log.is_some().then(Instant::now);
+    // The clock is read for the access log only: none per request without one.
+    let logging = ctx.access_log.as_ref().map(|log| (log, Instant::now()));
     let active = ctx
         .activity
         .begin_request(closes_connection(request.version(), request.headers()));
@@ -104,30 +104,27 @@ pub async fn handle(
     let status = response.status().as_u16();
     Ok(response.map(|body| {
         let body = body.track(active);
-        match &ctx.access_log {
+        match logging {
             None => body,
-            Some(log) => {
-                let started = started.unwrap_or_else(Instant::now);
-                body.log(PendingLog {
-                    log: Arc::clone(log),
-                    entry: Box::new(HttpEntry {
-                        time: SystemTime::now() - started.elapsed(),
-                        client: ctx.client,
-                        frontend: ctx.listener.frontend(),
-                        backend: trace.backend,
-                        server: trace.server,
-                        method,
-                        uri,
-                        status,
-                        bytes: 0,
-                        ttfb: started.elapsed(),
-                        total: Duration::ZERO,
-                        request_id: trace.request_id,
-                        retries: trace.retries,
-                    }),
-                    started,
-                })
-            }
+            Some((log, started)) => body.log(PendingLog {
+                log: Arc::clone(log),
+                entry: Box::new(HttpEntry {
+                    time: SystemTime::now() - started.elapsed(),
+                    client: ctx.client,
+                    frontend: ctx.listener.frontend(),
+                    backend: trace.backend,
+                    server: trace.server,
+                    method,
+                    uri,
+                    status,
+                    bytes: 0,
+                    ttfb: started.elapsed(),
+                    total: Duration::ZERO,
+                    request_id: trace.request_id,
+                    retries: trace.retries,
+                }),
+                started,
+            }),
         }
     }))
 }
