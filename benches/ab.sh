@@ -166,7 +166,7 @@ render_configs() {
             [[ -f $cfg ]] && continue
             case ${KINDS[i]} in
                 flowgate) render flowgate.toml "$cfg" THREADS=1 ACCESS_LOG=off ;;
-                haproxy) render haproxy.cfg "$cfg" "MAXCONN=$HAPROXY_MAXCONN" ;;
+                haproxy) render haproxy.cfg "$cfg" "MAXCONN=$HAPROXY_MAXCONN" THREADS=1 ;;
                 nginx)
                     render nginx-proxy.conf "$cfg"
                     mkdir -p "$TMP/nginx-proxy-tmp"

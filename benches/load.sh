@@ -14,7 +14,8 @@
 #   tls-close       TLS 1.3, new handshake per request       wrk -t1 -c64 https + Connection: close
 #   h2              h2 over TLS 1.3                          h2load -t1 -c64 -m4
 #   ka-100-log      ka-100 with flowgate's access log on (to a file), flowgate only
-#   ka-100-threads  ka-100 with flowgate threads = 1 and = 2, proxy and wrk -t2 unpinned
+#   ka-100-threads  ka-100 with 1 and 2 threads (flowgate threads, HAProxy nbthread),
+#                   proxy and wrk -t2 unpinned
 #
 # and "direct" (the load generator straight at an origin) as the floor. Then
 # idle memory: IDLE_CONNS client connections held open against each proxy
@@ -263,7 +264,7 @@ measure() {
     read -r rps p50 p99 requests errors <<<"$parsed"
     if [[ -n $pid ]]; then
         proxy_cpu=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.3f", b - a }')
-        if [[ $variant != flowgate-?t ]]; then pbusy=$(busy_percent "$pcore0" "$pcore1"); fi
+        if [[ $variant != *-?t ]]; then pbusy=$(busy_percent "$pcore0" "$pcore1"); fi
     fi
     printf '%s\t%s\t%s\tok\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$row" "$variant" "$REP" \
         "$rps" "$p50" "$p99" "$requests" "$errors" "$proxy_cpu" \
@@ -299,7 +300,10 @@ row_variants() {
     local row=$1 list=() p i n
     case $row in
         ka-100-log) wants flowgate && list=(flowgate-log) ;;
-        ka-100-threads) wants flowgate && list=(flowgate-1t flowgate-2t) ;;
+        ka-100-threads)
+            wants flowgate && list+=(flowgate-1t flowgate-2t)
+            wants haproxy && list+=(haproxy-1t haproxy-2t)
+            ;;
         *) for p in $PROXIES; do list+=("$p"); done ;;
     esac
     n=${#list[@]}

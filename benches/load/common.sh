@@ -349,7 +349,8 @@ build_flowgate() {
 }
 
 # start_proxy VARIANT: flowgate, flowgate-log, flowgate-1t, flowgate-2t,
-# haproxy or nginx. The flowgate-Nt variants run unpinned with N threads.
+# haproxy, haproxy-1t, haproxy-2t or nginx. The -Nt variants run unpinned
+# with N threads.
 start_proxy() {
     local variant=$1 cfg threads=1 access_log=off cpu=$PROXY_CPU
     PROXY_PID=""
@@ -370,9 +371,13 @@ start_proxy() {
             PROXY_LOG="$TMP/$variant.log"
             start_bg "$cpu" "$PROXY_LOG" "$FLOWGATE_BIN" run --config "$cfg"
             ;;
-        haproxy)
-            cfg="$TMP/haproxy.cfg"
-            render haproxy.cfg "$cfg" "MAXCONN=$HAPROXY_MAXCONN"
+        haproxy*)
+            case $variant in
+                haproxy-1t) cpu=- ;;
+                haproxy-2t) cpu=- threads=2 ;;
+            esac
+            cfg="$TMP/$variant.cfg"
+            render haproxy.cfg "$cfg" "MAXCONN=$HAPROXY_MAXCONN" "THREADS=$threads"
             haproxy -c -q -f "$cfg" >"$TMP/haproxy-check.log" 2>&1 || {
                 sed 's/^/    /' "$TMP/haproxy-check.log" >&2
                 return 1

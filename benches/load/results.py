@@ -47,7 +47,11 @@ VARIANTS = {
     "flowgate-log": "flowgate, access log on",
     "flowgate-1t": "flowgate, threads = 1, unpinned",
     "flowgate-2t": "flowgate, threads = 2, unpinned",
+    "haproxy-1t": "HAProxy, nbthread 1, unpinned",
+    "haproxy-2t": "HAProxy, nbthread 2, unpinned",
 }
+# Variants measured for their own comparison, not against the pinned HAProxy.
+UNCOMPARED = ("direct", "flowgate-1t", "flowgate-2t", "haproxy-1t", "haproxy-2t")
 
 # Where each row's HAProxy reference comes from.
 REFERENCE_ROW = {"ka-100-log": "ka-100"}
@@ -293,7 +297,7 @@ def report(meta_path, cells_path, idle_path):
             errors = str(c.errors)
             if c.failures:
                 errors += f"; failed: {'; '.join(sorted(set(c.failures)))}"
-            cmp_ok = v not in ("direct", "flowgate-1t", "flowgate-2t")
+            cmp_ok = v not in UNCOMPARED
             w(f"| {VARIANTS[v]} | {spread(c.rps, 'rps')} | {spread(c.p50, 'ms')} "
               f"| {spread(c.p99, 'ms')} | {spread(c.cpu, 'cpu')} "
               f"| {fmt(ratio(median(c.cpu), ref_cpu) if cmp_ok else None, 'ratio')} "
@@ -307,13 +311,19 @@ def report(meta_path, cells_path, idle_path):
                 w(f"Proxy CPU per request with the access log on (one text line per request, "
                   f"to a file) over flowgate without it (first table): ×{r:.2f}.")
         if row == "ka-100-threads":
-            one, two = cells.get((row, "flowgate-1t")), cells.get((row, "flowgate-2t"))
-            r = ratio(median(two.rps) if two else None, median(one.rps) if one else None)
-            if r is not None:
+            gains = []
+            for proxy, name, setting in (("flowgate", "flowgate", "`threads`"),
+                                         ("haproxy", "HAProxy", "`nbthread`")):
+                one, two = cells.get((row, f"{proxy}-1t")), cells.get((row, f"{proxy}-2t"))
+                r = ratio(median(two.rps) if two else None, median(one.rps) if one else None)
+                if r is not None:
+                    gains.append(f"{name} ×{r:.2f} ({fmt(median(one.rps), 'rps')} → "
+                                 f"{fmt(median(two.rps), 'rps')} req/s)")
+            if gains:
                 w("")
-                w(f"`threads = 2` over `threads = 1` (both unpinned, same load): throughput "
-                  f"×{r:.2f} ({fmt(median(one.rps), 'rps')} → {fmt(median(two.rps), 'rps')} req/s). "
-                  f"On 2 cores the second thread competes with wrk and the origins.")
+                w(f"Two threads over one (both unpinned, same load), throughput: "
+                  f"{'; '.join(gains)}. On 2 cores the second thread competes with wrk "
+                  f"and the origins.")
         w("")
 
     if idle:
