@@ -378,11 +378,11 @@ start_proxy() {
             esac
             cfg="$TMP/$variant.cfg"
             render haproxy.cfg "$cfg" "MAXCONN=$HAPROXY_MAXCONN" "THREADS=$threads"
-            haproxy -c -q -f "$cfg" >"$TMP/haproxy-check.log" 2>&1 || {
-                sed 's/^/    /' "$TMP/haproxy-check.log" >&2
+            haproxy -c -q -f "$cfg" >"$TMP/$variant-check.log" 2>&1 || {
+                sed 's/^/    /' "$TMP/$variant-check.log" >&2
                 return 1
             }
-            PROXY_LOG="$TMP/haproxy.log"
+            PROXY_LOG="$TMP/$variant.log"
             # -db: stay in the foreground, one process, no master-worker.
             start_bg "$cpu" "$PROXY_LOG" haproxy -db -f "$cfg"
             ;;
