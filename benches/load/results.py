@@ -312,8 +312,7 @@ def report(meta_path, cells_path, idle_path):
                   f"to a file) over flowgate without it (first table): ×{r:.2f}.")
         if row == "ka-100-threads":
             gains = []
-            for proxy, name, setting in (("flowgate", "flowgate", "`threads`"),
-                                         ("haproxy", "HAProxy", "`nbthread`")):
+            for proxy, name in (("flowgate", "flowgate"), ("haproxy", "HAProxy")):
                 one, two = cells.get((row, f"{proxy}-1t")), cells.get((row, f"{proxy}-2t"))
                 r = ratio(median(two.rps) if two else None, median(one.rps) if one else None)
                 if r is not None:
