@@ -1,6 +1,9 @@
 //! The cost of one pick, for every balancing algorithm, at 3, 100 and 10,000
 //! servers, on one thread and with two threads picking from the same backend at
-//! once (the per-pick time each thread sees).
+//! once (the per-pick time each thread sees); and the first pick after a
+//! change of the server set (health, drain, weight), which rebuilds what the
+//! algorithm derives from it (a schedule, a ring, a sampling table) before it
+//! picks.
 //!
 //! `cargo bench --bench balance` (add `-- --quick` for a short run). Servers
 //! carry some in-flight work (1 to 7 requests) and response-time estimates so
@@ -124,6 +127,29 @@ fn picks(c: &mut Criterion) {
     }
 }
 
+fn rebuilds(c: &mut Criterion) {
+    let ids = workflow_ids();
+    for (label, keys) in ALGORITHMS {
+        let mut group = c.benchmark_group(format!("rebuild/{label}"));
+        group
+            .warm_up_time(Duration::from_millis(500))
+            .measurement_time(Duration::from_secs(2));
+        for size in SIZES {
+            let (backend, _guards) = backend(keys, size);
+            group.bench_function(BenchmarkId::new("first pick after a change", size), |b| {
+                let mut turn = 0usize;
+                b.iter(|| {
+                    turn = turn.wrapping_add(1);
+                    // What every change of a server's state does.
+                    backend.epoch.fetch_add(1, Ordering::AcqRel);
+                    black_box(pick(&backend, &ids, turn))
+                });
+            });
+        }
+        group.finish();
+    }
+}
+
 /// Wall time for each of two threads to make `iters` picks at once.
 fn two_threads(backend: &Backend, ids: &[String], iters: u64) -> Duration {
     let ready = AtomicUsize::new(0);
@@ -153,5 +179,5 @@ fn two_threads(backend: &Backend, ids: &[String], iters: u64) -> Duration {
     times.into_iter().max().unwrap_or_default()
 }
 
-criterion_group!(benches, picks);
+criterion_group!(benches, picks, rebuilds);
 criterion_main!(benches);

@@ -37,10 +37,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use arc_swap::ArcSwap;
+
 use super::PickContext;
 use super::derived::Derived;
 use super::round_robin::RoundRobin;
-use super::tier::{RAMP_STEPS, Tier, available, balance_weight};
+use super::tier::{RAMP_STEPS, available, balance_weight};
 use crate::config;
 use crate::upstream::Server;
 
@@ -58,7 +60,10 @@ pub struct Hash {
     /// Bounded loads: the percentage of its fair share a server may hold.
     balance_factor: Option<u32>,
     points_per_weight: u32,
-    ring: Derived<Ring>,
+    table: Derived<Table>,
+    /// The ring the table holds, kept to be reused by the next table while
+    /// the tier's servers and their weights stay the same.
+    ring: ArcSwap<Ring>,
     /// For requests without a key.
     fallback: RoundRobin,
 }
@@ -85,14 +90,39 @@ impl Hash {
             .map(|s| u64::from(s.weight.max(1)))
             .sum();
         let points_per_weight = points_per_weight(configured_weight);
+        let members = ring_members(servers);
+        let ring = Arc::new(Ring::build(&named(servers, &members), points_per_weight));
         Hash {
             key,
             balance_factor: config.hash_balance_factor,
             points_per_weight,
-            ring: Derived::new(Arc::clone(&epoch), || {
-                Ring::for_tier(servers, points_per_weight)
+            table: Derived::new(Arc::clone(&epoch), || Table {
+                ring: Arc::clone(&ring),
+                usable_weight: usable_weight(servers, &members),
             }),
+            ring: ArcSwap::new(ring),
             fallback: RoundRobin::new(servers, epoch),
+        }
+    }
+
+    /// The table for the servers' state now. The ring is built again only when
+    /// the tier's servers or their weights changed (a tier switch, a weight,
+    /// a slow-start step); a server that goes down, drains or is ejected keeps
+    /// its points, which picks walk past, so that change costs one pass over
+    /// the servers, not a new ring (36 ms at 10,000 servers).
+    fn table(&self, servers: &[Arc<Server>]) -> Table {
+        let members = ring_members(servers);
+        let mut ring = self.ring.load_full();
+        if *ring.members != *members {
+            ring = Arc::new(Ring::build(
+                &named(servers, &members),
+                self.points_per_weight,
+            ));
+            self.ring.store(Arc::clone(&ring));
+        }
+        Table {
+            usable_weight: usable_weight(servers, &members),
+            ring,
         }
     }
 
@@ -104,11 +134,50 @@ impl Hash {
                 _ => return self.fallback.pick(servers, ctx),
             },
         };
-        let ring = self
+        let table = self.table.load(|| self.table(servers));
+        table
             .ring
-            .load(|| Ring::for_tier(servers, self.points_per_weight));
-        ring.walk(servers, hash, self.balance_factor)
+            .walk(servers, hash, self.balance_factor, table.usable_weight)
     }
+}
+
+/// What a pick reads, rebuilt whenever the server set changes.
+#[derive(Debug)]
+struct Table {
+    ring: Arc<Ring>,
+    /// The weight of the ring's servers that can take work now (the
+    /// bounded-load share divides by it); 0 when none can.
+    usable_weight: u64,
+}
+
+/// The servers of the active tier (the non-backup servers while one of them
+/// is usable, else the backup servers), usable now or not, in file order, as
+/// `(index, weight)`.
+fn ring_members(servers: &[Arc<Server>]) -> Box<[(u32, u32)]> {
+    let backup = !servers
+        .iter()
+        .any(|server| !server.backup && server.is_usable());
+    servers
+        .iter()
+        .enumerate()
+        .filter(|(_, server)| server.backup == backup)
+        .map(|(index, server)| (index as u32, balance_weight(server)))
+        .collect()
+}
+
+fn named<'a>(servers: &'a [Arc<Server>], members: &[(u32, u32)]) -> Vec<(usize, &'a str, u32)> {
+    members
+        .iter()
+        .map(|&(index, weight)| (index as usize, &*servers[index as usize].name, weight))
+        .collect()
+}
+
+fn usable_weight(servers: &[Arc<Server>], members: &[(u32, u32)]) -> u64 {
+    members
+        .iter()
+        .filter(|&&(index, _)| servers[index as usize].is_usable())
+        .map(|&(_, weight)| u64::from(weight))
+        .sum()
 }
 
 /// Points per unit of balance weight (a twentieth of a unit of weight, see
@@ -229,8 +298,8 @@ pub(crate) struct Ring {
     points: Box<[u64]>,
     /// The server (index into the backend's servers) owning each point.
     owners: Box<[u32]>,
-    /// Sum of the weights on the ring, for the bounded-load share.
-    total_weight: u64,
+    /// The servers it was built from, `(index, weight)`.
+    members: Box<[(u32, u32)]>,
     /// `buckets[b]` is the position of the first point whose top bits are `b`
     /// or more (with one extra entry at the end, the ring's length).
     buckets: Box<[u32]>,
@@ -239,16 +308,6 @@ pub(crate) struct Ring {
 }
 
 impl Ring {
-    fn for_tier(servers: &[Arc<Server>], points_per_weight: u32) -> Ring {
-        let tier = Tier::build(servers);
-        let members: Vec<(usize, &str, u32)> = tier
-            .members
-            .iter()
-            .map(|member| (member.index, &*servers[member.index].name, member.weight))
-            .collect();
-        Ring::build(&members, points_per_weight)
-    }
-
     /// A ring over `(index, name, weight)` members.
     pub(crate) fn build(members: &[(usize, &str, u32)], points_per_weight: u32) -> Ring {
         let count: u64 = members
@@ -286,10 +345,10 @@ impl Ring {
                 .map(|&(_, slot)| members[slot as usize].0 as u32)
                 .collect(),
             points,
-            total_weight: members
+            members: members
                 .iter()
-                .map(|&(_, _, weight)| u64::from(weight))
-                .sum(),
+                .map(|&(index, _, weight)| (index as u32, weight))
+                .collect(),
             buckets: buckets.into(),
             shift,
         }
@@ -317,14 +376,16 @@ impl Ring {
 
     /// The server for `hash`: the owner of its point, or the next one along the
     /// ring that can take work now (and is under its bound, with bounded loads).
+    /// `usable_weight` is the weight of the ring's servers that are usable now.
     #[inline]
     fn walk(
         &self,
         servers: &[Arc<Server>],
         hash: u64,
         balance_factor: Option<u32>,
+        usable_weight: u64,
     ) -> Option<usize> {
-        if self.points.is_empty() {
+        if self.points.is_empty() || usable_weight == 0 {
             return None;
         }
         let start = self.start(hash);
@@ -336,7 +397,7 @@ impl Ring {
                     .state
                     .backend_in_flight(),
             ) + 1,
-            total_weight: self.total_weight,
+            total_weight: usable_weight,
         });
         let takes = |index: usize| {
             let server = &servers[index];
@@ -664,6 +725,67 @@ mod tests {
                 "{what}: keys came back"
             );
         }
+    }
+
+    /// A server that goes down or drains keeps its points (picks walk past
+    /// them); a weight change builds a new ring.
+    #[test]
+    fn health_changes_keep_the_ring_and_weight_changes_rebuild_it() {
+        let backend = hash_backend(&testing::plain(10), "");
+        let crate::balance::Balancer::Hash(hash) = &backend.balancer else {
+            panic!("a hash balancer");
+        };
+        let ring_now = || {
+            assert!(backend.pick(&ctx(b"workflow-1")).is_some());
+            hash.ring.load_full()
+        };
+        let first = ring_now();
+        let server = &backend.servers[3];
+        server.state.set_health(Health::Down);
+        assert!(Arc::ptr_eq(&first, &ring_now()), "down: the same ring");
+        server.state.set_admin_state(AdminState::Drain);
+        server.state.set_health(Health::Up);
+        assert!(Arc::ptr_eq(&first, &ring_now()), "drained: the same ring");
+        server.state.set_admin_state(AdminState::Ready);
+        assert!(Arc::ptr_eq(&first, &ring_now()), "back: the same ring");
+        server.state.set_weight_override(Some(3));
+        let heavier = ring_now();
+        assert!(
+            !Arc::ptr_eq(&first, &heavier),
+            "a weight change: a new ring"
+        );
+        assert_eq!(heavier.points.len(), 12 * POINTS_PER_WEIGHT as usize);
+    }
+
+    /// With bounded loads the shares divide the weight of the servers that
+    /// are up, not of every server on the ring: were the down server counted,
+    /// the bounds would add up to less than the work, and picks would fail.
+    #[test]
+    fn bounds_count_only_the_servers_that_are_up() {
+        let backend = hash_backend(
+            &testing::plain(4),
+            "hash_balance_factor = 125
+",
+        );
+        backend.servers[0].state.set_health(Health::Down);
+        let mut held = Vec::new();
+        for k in 0..300 {
+            let key = format!("workflow-{}", k % 7);
+            let index = backend
+                .balancer
+                .pick(&backend.servers, &ctx(key.as_bytes()))
+                .expect("some server is under its bound");
+            held.push(backend.servers[index].begin());
+        }
+        for server in &backend.servers[1..] {
+            // ceil(125% * 300 * 1 / 3)
+            assert!(
+                server.state.in_flight() <= 125,
+                "{}",
+                server.state.in_flight()
+            );
+        }
+        assert_eq!(backend.servers[0].state.in_flight(), 0);
     }
 
     /// A server ramping up after slow start owns a growing part of its keys,
