@@ -122,21 +122,7 @@ fn picks(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new("2 threads", size), |b| {
                 b.iter_custom(|iters| two_threads(&backend, &ids, iters));
             });
-        }
-        group.finish();
-    }
-}
-
-fn rebuilds(c: &mut Criterion) {
-    let ids = workflow_ids();
-    for (label, keys) in ALGORITHMS {
-        let mut group = c.benchmark_group(format!("rebuild/{label}"));
-        group
-            .warm_up_time(Duration::from_millis(500))
-            .measurement_time(Duration::from_secs(2));
-        for size in SIZES {
-            let (backend, _guards) = backend(keys, size);
-            group.bench_function(BenchmarkId::new("first pick after a change", size), |b| {
+            group.bench_function(BenchmarkId::new("after a change", size), |b| {
                 let mut turn = 0usize;
                 b.iter(|| {
                     turn = turn.wrapping_add(1);
@@ -179,5 +165,5 @@ fn two_threads(backend: &Backend, ids: &[String], iters: u64) -> Duration {
     times.into_iter().max().unwrap_or_default()
 }
 
-criterion_group!(benches, picks, rebuilds);
+criterion_group!(benches, picks);
 criterion_main!(benches);
