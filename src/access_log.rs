@@ -151,7 +151,7 @@ impl Writer {
         let mut line = String::with_capacity(512);
         let mut out = BufWriter::with_capacity(64 * 1024, self.sink_writer());
         // Asleep until the first entry of a batch; ends when every sender is
-        // gone (the proxy stopped), after writing what is left.
+        // gone (the proxy stopped), every batch written out.
         while let Some(first) = self.receiver.blocking_recv() {
             // The rest of the batch arrives meanwhile, and queueing an entry
             // for a writer that is not waiting costs the sender no wake-up.
@@ -177,7 +177,6 @@ impl Writer {
             // Caught up: the batch goes out (a full buffer went out already).
             let _ = out.flush();
         }
-        let _ = out.flush();
     }
 
     fn sink_writer(&self) -> Box<dyn Write> {

@@ -39,10 +39,10 @@ use std::sync::atomic::AtomicU64;
 
 use arc_swap::ArcSwap;
 
-use super::PickContext;
 use super::derived::Derived;
 use super::round_robin::RoundRobin;
 use super::tier::{RAMP_STEPS, available, balance_weight};
+use super::{PickContext, backups_take_traffic};
 use crate::config;
 use crate::upstream::Server;
 
@@ -159,9 +159,7 @@ impl Table {
 /// is usable, else the backup servers), usable now or not, in file order, as
 /// `(index, weight)`.
 fn ring_members(servers: &[Arc<Server>]) -> Box<[(u32, u32)]> {
-    let backup = !servers
-        .iter()
-        .any(|server| !server.backup && server.is_usable());
+    let backup = backups_take_traffic(servers);
     servers
         .iter()
         .enumerate()
@@ -760,11 +758,7 @@ mod tests {
     /// the bounds would add up to less than the work, and picks would fail.
     #[test]
     fn bounds_count_only_the_servers_that_are_up() {
-        let backend = hash_backend(
-            &testing::plain(4),
-            "hash_balance_factor = 125
-",
-        );
+        let backend = hash_backend(&testing::plain(4), "hash_balance_factor = 125\n");
         backend.servers[0].state.set_health(Health::Down);
         let mut held = Vec::new();
         for k in 0..300 {

@@ -93,19 +93,21 @@ impl Balancer {
 /// Indices of the servers in the tier that takes traffic now: the usable
 /// non-backup servers, or, when there are none, the usable backup servers.
 pub fn active_tier(servers: &[Arc<Server>]) -> Vec<usize> {
-    let usable = |backup: bool| {
-        servers
-            .iter()
-            .enumerate()
-            .filter(move |(_, server)| server.backup == backup && server.is_usable())
-            .map(|(index, _)| index)
-    };
-    let primary: Vec<usize> = usable(false).collect();
-    if primary.is_empty() {
-        usable(true).collect()
-    } else {
-        primary
-    }
+    let backup = backups_take_traffic(servers);
+    servers
+        .iter()
+        .enumerate()
+        .filter(|(_, server)| server.backup == backup && server.is_usable())
+        .map(|(index, _)| index)
+        .collect()
+}
+
+/// Whether the backup servers are the tier that takes traffic: no non-backup
+/// server is usable.
+pub(crate) fn backups_take_traffic(servers: &[Arc<Server>]) -> bool {
+    !servers
+        .iter()
+        .any(|server| !server.backup && server.is_usable())
 }
 
 /// Backends to test balancers on: servers that are never contacted, with the
