@@ -35,7 +35,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -59,11 +59,8 @@ pub struct Hash {
     key: KeySource,
     /// Bounded loads: the percentage of its fair share a server may hold.
     balance_factor: Option<u32>,
-    points_per_weight: u32,
     table: Derived<Table>,
-    /// The latest ring, which the next table reuses while the tier's servers
-    /// and their weights stay the same (see [`Table::build`]).
-    ring: ArcSwap<Ring>,
+    rings: Arc<Rings>,
     /// For requests without a key.
     fallback: RoundRobin,
 }
@@ -90,16 +87,18 @@ impl Hash {
             .map(|s| u64::from(s.weight.max(1)))
             .sum();
         let points_per_weight = points_per_weight(configured_weight);
-        // Empty until the first table is built, just below.
-        let ring = ArcSwap::from_pointee(Ring::build(&[], points_per_weight));
+        let rings = Arc::new(Rings {
+            // Empty until the first table is built, just below.
+            latest: ArcSwap::from_pointee(Ring::build(&[], points_per_weight)),
+            building: AtomicBool::new(false),
+            epoch: Arc::clone(&epoch),
+            points_per_weight,
+        });
         Hash {
             key,
             balance_factor: config.hash_balance_factor,
-            points_per_weight,
-            table: Derived::new(Arc::clone(&epoch), || {
-                Table::build(servers, &ring, points_per_weight)
-            }),
-            ring,
+            table: Derived::new(Arc::clone(&epoch), || Table::build(servers, &rings)),
+            rings,
             fallback: RoundRobin::new(servers, epoch),
         }
     }
@@ -112,9 +111,7 @@ impl Hash {
                 _ => return self.fallback.pick(servers, ctx),
             },
         };
-        let table = self
-            .table
-            .load(|| Table::build(servers, &self.ring, self.points_per_weight));
+        let table = self.table.load(|| Table::build(servers, &self.rings));
         table
             .ring
             .walk(servers, hash, self.balance_factor, table.usable_weight)
@@ -131,27 +128,79 @@ struct Table {
 }
 
 impl Table {
-    /// The table for the servers' state now, with the ring in `ring` if the
-    /// tier's servers and their weights are the ones it was built from, else
-    /// a new ring, kept there. So a tier switch, a weight or a slow-start step
-    /// builds a ring; a server that goes down, drains or is ejected keeps its
-    /// points, which picks walk past, and costs one pass over the servers,
-    /// not a new ring (36 ms at 10,000 servers).
-    fn build(servers: &[Arc<Server>], ring: &ArcSwap<Ring>, points_per_weight: u32) -> Table {
+    /// The table for the servers' state now, over the latest ring if it was
+    /// built from the tier's servers and their weights as they are now.
+    ///
+    /// So a server that goes down, drains or is ejected keeps its points,
+    /// which picks walk past, and costs one pass over the servers, not a new
+    /// ring (36 ms at 10,000 servers). A weight change (the admin API's, a
+    /// slow-start step) keeps the old ring too while a new one is built off
+    /// the request path, on the runtime's blocking pool; it is used from the
+    /// pick after it is done. A switch of tier (to the backups and back) and
+    /// a ring none of whose servers can take work now build the new ring at
+    /// once: the old one has no server to give.
+    fn build(servers: &[Arc<Server>], rings: &Arc<Rings>) -> Table {
         let members = ring_members(servers);
-        let mut current = ring.load_full();
-        if *current.members != *members {
-            let named: Vec<(usize, &str, u32)> = members
-                .iter()
-                .map(|&(index, weight)| (index as usize, &*servers[index as usize].name, weight))
-                .collect();
-            current = Arc::new(Ring::build(&named, points_per_weight));
-            ring.store(Arc::clone(&current));
+        let mut current = rings.latest.load_full();
+        if *current.members != *members
+            && !(current.serves_with(servers, &members) && rings.build_later(servers, &members))
+        {
+            current = Arc::new(rings.build(servers, &members));
+            rings.latest.store(Arc::clone(&current));
         }
         Table {
-            usable_weight: usable_weight(servers, &members),
+            usable_weight: usable_weight(servers, &current.members),
             ring: current,
         }
+    }
+}
+
+/// A backend's latest ring, and what builds the next one.
+#[derive(Debug)]
+struct Rings {
+    /// The ring the next table reuses while the tier's servers and their
+    /// weights stay the same.
+    latest: ArcSwap<Ring>,
+    /// A ring is being built on the blocking pool.
+    building: AtomicBool,
+    /// The backend's epoch, moved when a ring built off the request path is
+    /// in `latest`, so that the next pick takes it.
+    epoch: Arc<AtomicU64>,
+    points_per_weight: u32,
+}
+
+impl Rings {
+    fn build(&self, servers: &[Arc<Server>], members: &[(u32, u32)]) -> Ring {
+        let named: Vec<(usize, &str, u32)> = members
+            .iter()
+            .map(|&(index, weight)| (index as usize, &*servers[index as usize].name, weight))
+            .collect();
+        Ring::build(&named, self.points_per_weight)
+    }
+
+    /// Starts building the ring of `members` on the blocking pool, unless a
+    /// build is running already (it moves the epoch when done, and the next
+    /// pick starts the one still needed). False outside a runtime (tests,
+    /// benches), where the caller builds it.
+    fn build_later(self: &Arc<Self>, servers: &[Arc<Server>], members: &[(u32, u32)]) -> bool {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        if self.building.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        // The servers themselves (names and all), not the slice: the build
+        // outlives this pick.
+        let servers: Vec<Arc<Server>> = servers.to_vec();
+        let members = members.to_vec();
+        let rings = Arc::clone(self);
+        runtime.spawn_blocking(move || {
+            let ring = Arc::new(rings.build(&servers, &members));
+            rings.latest.store(ring);
+            rings.building.store(false, Ordering::Release);
+            rings.epoch.fetch_add(1, Ordering::AcqRel);
+        });
+        true
     }
 }
 
@@ -348,6 +397,22 @@ impl Ring {
             buckets: buckets.into(),
             shift,
         }
+    }
+
+    /// Whether this ring, built for the tier `members` will have, can serve
+    /// picks meanwhile: it is of the same servers (other weights), one of
+    /// which can take work now with points on it.
+    fn serves_with(&self, servers: &[Arc<Server>], members: &[(u32, u32)]) -> bool {
+        self.members.len() == members.len()
+            && self
+                .members
+                .iter()
+                .zip(members)
+                .all(|(&(old, _), &(new, _))| old == new)
+            && self
+                .members
+                .iter()
+                .any(|&(index, weight)| weight > 0 && servers[index as usize].is_usable())
     }
 
     /// The position of the first point at or after `hash`, wrapping around.
@@ -733,7 +798,7 @@ mod tests {
         };
         let ring_now = || {
             assert!(backend.pick(&ctx(b"workflow-1")).is_some());
-            hash.ring.load_full()
+            hash.rings.latest.load_full()
         };
         let first = ring_now();
         let server = &backend.servers[3];
@@ -751,6 +816,102 @@ mod tests {
             "a weight change: a new ring"
         );
         assert_eq!(heavier.points.len(), 12 * POINTS_PER_WEIGHT as usize);
+    }
+
+    /// A runtime whose one blocking thread is busy until the returned sender
+    /// is dropped or sent to: a ring built off the request path waits for it.
+    fn runtime_with_a_busy_blocking_pool() -> (tokio::runtime::Runtime, std::sync::mpsc::Sender<()>)
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        runtime.spawn_blocking(move || released.recv());
+        (runtime, release)
+    }
+
+    /// In a runtime, picks keep the old ring while the new weights' ring is
+    /// built on the blocking pool, one build at a time, and take the new ring
+    /// once it is done: the request that meets a weight change does not build
+    /// it.
+    #[test]
+    fn a_weight_change_keeps_the_old_ring_until_the_new_one_is_built() {
+        let (runtime, release) = runtime_with_a_busy_blocking_pool();
+        let backend = hash_backend(&testing::plain(10), "");
+        let crate::balance::Balancer::Hash(hash) = &backend.balancer else {
+            panic!("a hash balancer");
+        };
+        let first = hash.rings.latest.load_full();
+        // The ring of the table the pick used (or of the next one, when a
+        // finished build moved the epoch since).
+        let picked_ring = || {
+            assert!(backend.pick(&ctx(b"workflow-1")).is_some());
+            let table = hash
+                .table
+                .load(|| Table::build(&backend.servers, &hash.rings));
+            Arc::clone(&table.ring)
+        };
+        runtime.block_on(async {
+            backend.servers[3].state.set_weight_override(Some(3));
+            assert!(
+                Arc::ptr_eq(&first, &picked_ring()),
+                "the old ring meanwhile"
+            );
+            assert!(hash.rings.building.load(Ordering::Acquire));
+            backend.servers[4].state.set_weight_override(Some(2));
+            assert!(Arc::ptr_eq(&first, &picked_ring()), "still the old ring");
+
+            release.send(()).expect("the blocker waits");
+            // The first build (server 3's weight) moves the epoch; the pick
+            // after it starts the second, which brings both weights.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let ring = picked_ring();
+                if ring.points.len() == 13 * POINTS_PER_WEIGHT as usize {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "no new ring in 10 s");
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        });
+        assert!(!hash.rings.building.load(Ordering::Acquire));
+    }
+
+    /// A switch of tier cannot wait for a ring built elsewhere (the old ring
+    /// has no server that can take work), nor can a ring whose servers all
+    /// weigh 0: the pick that meets it builds the new ring.
+    #[test]
+    fn a_tier_switch_builds_the_ring_at_once() {
+        let (runtime, _blocked) = runtime_with_a_busy_blocking_pool();
+        let specs = [
+            Spec::named("p1"),
+            Spec::named("p2"),
+            Spec {
+                backup: true,
+                ..Spec::named("b1")
+            },
+        ];
+        let backend = hash_backend(&specs, "");
+        runtime.block_on(async {
+            backend.servers[0].state.set_health(Health::Down);
+            backend.servers[1].state.set_health(Health::Down);
+            assert!(picks_by_name(&backend, 100).iter().all(|name| name == "b1"));
+            backend.servers[1].state.set_health(Health::Up);
+            assert!(picks_by_name(&backend, 100).iter().all(|name| name == "p2"));
+
+            let backend = hash_backend(&testing::plain(2), "");
+            for server in &backend.servers {
+                server.state.set_weight_override(Some(0));
+            }
+            assert!(
+                backend.pick(&ctx(b"workflow-1")).is_none(),
+                "no weight, no pick"
+            );
+            backend.servers[1].state.set_weight_override(Some(1));
+            assert!(picks_by_name(&backend, 100).iter().all(|name| name == "s1"));
+        });
     }
 
     /// With bounded loads the shares divide the weight of the servers that
