@@ -3,7 +3,11 @@
 //! once (the per-pick time each thread sees); and the first pick after a
 //! change of the server set (health, drain, weight), which rebuilds what the
 //! algorithm derives from it (a schedule, a ring, a sampling table) before it
-//! picks.
+//! picks. A step of a server's slow start changes its weight: `source` and
+//! `hash` need a new ring, which in a runtime (as in flowgate) its blocking
+//! pool builds while picks go on with the old one, and `round_robin` a new
+//! cycle (weights in twentieths then: 20 times the servers' turns); that
+//! case measures what the pick pays.
 //!
 //! `cargo bench --bench balance` (add `-- --quick` for a short run). Servers
 //! carry some in-flight work (1 to 7 requests) and response-time estimates so
@@ -18,7 +22,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use flowgate::balance::PickContext;
 use flowgate::config;
-use flowgate::upstream::{Backend, InFlightGuard, response_time};
+use flowgate::upstream::{Backend, FULL_WEIGHT, InFlightGuard, response_time};
 
 const SIZES: [usize; 3] = [3, 100, 10_000];
 
@@ -130,6 +134,24 @@ fn picks(c: &mut Criterion) {
                     backend.epoch.fetch_add(1, Ordering::AcqRel);
                     black_box(pick(&backend, &ids, turn))
                 });
+            });
+            group.bench_function(BenchmarkId::new("after a slow-start step", size), |b| {
+                // In a runtime, as in flowgate: a new hash ring is built on
+                // its blocking pool, not by the pick.
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("runtime");
+                let _in_runtime = runtime.enter();
+                let server = &backend.servers[0];
+                let mut turn = 0usize;
+                b.iter(|| {
+                    turn = turn.wrapping_add(1);
+                    // Two and three twentieths of its weight, in turn.
+                    let factor = FULL_WEIGHT / 20 * (2 + (turn % 2) as u32);
+                    server.state.set_weight_factor(factor);
+                    black_box(pick(&backend, &ids, turn))
+                });
+                server.state.set_weight_factor(FULL_WEIGHT);
             });
         }
         group.finish();
