@@ -885,15 +885,7 @@ mod tests {
     #[test]
     fn a_tier_switch_builds_the_ring_at_once() {
         let (runtime, _blocked) = runtime_with_a_busy_blocking_pool();
-        let specs = [
-            Spec::named("p1"),
-            Spec::named("p2"),
-            Spec {
-                backup: true,
-                ..Spec::named("b1")
-            },
-        ];
-        let backend = hash_backend(&specs, "");
+        let backend = primaries_and_a_backup();
         runtime.block_on(async {
             backend.servers[0].state.set_health(Health::Down);
             backend.servers[1].state.set_health(Health::Down);
@@ -961,8 +953,8 @@ mod tests {
         assert_eq!(owned[3], full.iter().filter(|name| *name == "s2").count());
     }
 
-    #[test]
-    fn backup_servers_hash_only_while_no_primary_is_up() {
+    /// p1 and p2, and b1, a backup server.
+    fn primaries_and_a_backup() -> crate::upstream::Backend {
         let specs = [
             Spec::named("p1"),
             Spec::named("p2"),
@@ -971,7 +963,12 @@ mod tests {
                 ..Spec::named("b1")
             },
         ];
-        let backend = hash_backend(&specs, "");
+        hash_backend(&specs, "")
+    }
+
+    #[test]
+    fn backup_servers_hash_only_while_no_primary_is_up() {
+        let backend = primaries_and_a_backup();
         assert!(
             picks_by_name(&backend, 1_000)
                 .iter()
