@@ -154,9 +154,7 @@ fn build_runtime(threads: usize) -> Option<(tokio::runtime::Runtime, Workers)> {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n,
     };
-    let built = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let built = flowgate::workers::serving_runtime()
         .and_then(|runtime| Ok((runtime, Workers::start(threads - 1)?)));
     match built {
         Ok(built) => Some(built),
