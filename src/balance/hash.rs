@@ -403,12 +403,10 @@ impl Ring {
     /// picks meanwhile: it is of the same servers (other weights), one of
     /// which can take work now with points on it.
     fn serves_with(&self, servers: &[Arc<Server>], members: &[(u32, u32)]) -> bool {
-        self.members.len() == members.len()
-            && self
-                .members
-                .iter()
-                .zip(members)
-                .all(|(&(old, _), &(new, _))| old == new)
+        self.members
+            .iter()
+            .map(|&(index, _)| index)
+            .eq(members.iter().map(|&(index, _)| index))
             && self
                 .members
                 .iter()

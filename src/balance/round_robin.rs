@@ -146,8 +146,8 @@ impl Line {
     fn first(&self, step: u64, total: u64) -> (i64, usize) {
         let count = self.slots.len() as u64;
         let slot = self.slots[(self.turns % count) as usize];
-        // Both products below 2^41: step, weight and total are at most
-        // MAX_CYCLE plus the number of servers.
+        // Both products well inside i64: step, weight and total are at
+        // most MAX_CYCLE plus the number of servers.
         let current = (step * self.weight) as i64 - (total * (self.turns / count)) as i64;
         (current, slot)
     }
