@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +35,7 @@ use crate::config::{self, Config, ConfigErrors};
 use crate::health::{self, HealthChecks};
 use crate::listener::{self, Listener, ListenerControl, ListenerSettings, Shared};
 use crate::runtime::{Runtime, SharedRuntime};
+use crate::workers::ServingThreads;
 
 /// How often idle pooled server connections are checked for expiry.
 const POOL_SWEEP: Duration = Duration::from_secs(1);
@@ -201,6 +201,9 @@ impl Proxy {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             access_log: Arc::new(ArcSwapOption::new(access_log)),
+            threads: ServingThreads::new(
+                std::iter::once(Handle::current()).chain(workers.iter().cloned()),
+            ),
         };
         let background = CancellationToken::new();
         tokio::spawn(sweep_pools(Arc::clone(&runtime), background.clone()));
@@ -231,6 +234,11 @@ impl Proxy {
 
     pub fn reload_stats(&self) -> &Arc<ReloadStats> {
         &self.reloads
+    }
+
+    /// The threads connections are served on, and how many each serves now.
+    pub fn serving_threads(&self) -> &Arc<ServingThreads> {
+        &self.shared.threads
     }
 
     pub fn listeners(&self) -> &[BoundListener] {
@@ -363,21 +371,22 @@ impl Proxy {
         &mut self,
         key: ListenerKey,
         frontend: &config::Frontend,
-        socket: TcpListener,
+        socket: std::net::TcpListener,
     ) -> Result<(), StartError> {
-        let addr = socket.local_addr().map_err(|source| StartError::Bind {
+        let bind_error = |source| StartError::Bind {
             frontend: frontend.name.clone(),
             addr: key.addr,
             source,
-        })?;
+        };
+        let addr = socket.local_addr().map_err(bind_error)?;
         let control = Arc::new(ListenerControl::new(
             self.settings_for(frontend),
             &self.shared.shutdown,
         ));
         tracing::info!(frontend = %frontend.name, %addr, "listening");
         // The same socket on every worker: the kernel hands each new connection
-        // to one of the accept loops, and it is served on that thread.
-        for worker in &self.workers {
+        // to one of the accept loops, which chooses the thread to serve it.
+        for (index, worker) in self.workers.iter().enumerate() {
             let socket = match socket.as_fd().try_clone_to_owned() {
                 Ok(fd) => std::net::TcpListener::from(fd),
                 Err(err) => {
@@ -388,8 +397,8 @@ impl Proxy {
             let (control, shared) = (Arc::clone(&control), self.shared.clone());
             let accept = self.accept_loops.track_future(async move {
                 // Registered with the worker's own I/O driver, on the worker.
-                match TcpListener::from_std(socket) {
-                    Ok(listener) => Listener { listener, control }.run(shared).await,
+                match Listener::new(socket, Arc::clone(&control), index + 1) {
+                    Ok(listener) => listener.run(shared).await,
                     Err(err) => {
                         let frontend = control.frontend();
                         tracing::warn!(%frontend, %addr, error = %err, "a worker cannot accept");
@@ -398,13 +407,8 @@ impl Proxy {
             });
             worker.spawn(accept);
         }
-        self.accept_loops.spawn(
-            Listener {
-                listener: socket,
-                control: Arc::clone(&control),
-            }
-            .run(self.shared.clone()),
-        );
+        let listener = Listener::new(socket, Arc::clone(&control), 0).map_err(bind_error)?;
+        self.accept_loops.spawn(listener.run(self.shared.clone()));
         self.listeners.push(BoundListener {
             key_addr: key.addr,
             key_ephemeral: key.ephemeral,
@@ -494,16 +498,14 @@ impl Proxy {
 /// address that cannot be bound.
 fn bind_all(
     keys: Vec<(ListenerKey, &config::Frontend)>,
-) -> Result<Vec<(ListenerKey, &config::Frontend, TcpListener)>, StartError> {
+) -> Result<Vec<(ListenerKey, &config::Frontend, std::net::TcpListener)>, StartError> {
     keys.into_iter()
         .map(|(key, frontend)| {
-            let socket = listener::bind(key.addr)
-                .and_then(TcpListener::from_std)
-                .map_err(|source| StartError::Bind {
-                    frontend: frontend.name.clone(),
-                    addr: key.addr,
-                    source,
-                })?;
+            let socket = listener::bind(key.addr).map_err(|source| StartError::Bind {
+                frontend: frontend.name.clone(),
+                addr: key.addr,
+                source,
+            })?;
             Ok((key, frontend, socket))
         })
         .collect()

@@ -1,19 +1,22 @@
 //! Extra worker threads for `global.threads` > 1, each with a single-threaded
 //! runtime of its own (thread per core, as nginx runs a process per core).
 //!
-//! Every listener accepts on the main runtime and on every worker; a
-//! connection is served start to end on the thread that accepted it, so the
-//! hot path crosses no thread: no shared run queue, no cross-thread wake-up.
-//! What all threads share (the running config, server pools, counters) is
-//! lock-free or behind short per-server locks.
+//! Every listener accepts on the main runtime and on every worker. An accepted
+//! connection goes to the serving thread with the fewest connections (the one
+//! that accepted it on a tie, see [`ServingThreads`]) and is served there
+//! start to end, so the hot path crosses no thread: no shared run queue, no
+//! cross-thread wake-up. What all threads share (the running config, server
+//! pools, counters) is lock-free or behind short per-server locks.
 
 use std::cell::Cell;
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
 
 thread_local! {
     static SLOT: Cell<usize> = const { Cell::new(0) };
@@ -106,6 +109,133 @@ impl Drop for Workers {
     }
 }
 
+/// The serving threads of a process, as the accept loops see them: each
+/// thread's runtime and how many connections it serves now.
+///
+/// Every thread's accept loop wakes for a new connection and the first to
+/// accept it wins, which says nothing about how busy that thread is: with
+/// two threads, 64 keep-alive clients connecting at once were served 94 to 6
+/// by CPU time in one run (`/proc/PID/task/*/stat`), so the second thread
+/// sat idle. The accepting thread therefore hands each connection to the
+/// thread with the fewest (itself on a tie), as HAProxy's accept queues
+/// balance its threads. A hand-off is one task spawned onto the other
+/// thread's runtime, once per connection; the requests on it stay there.
+#[derive(Debug)]
+pub struct ServingThreads {
+    threads: Box<[ServingThread]>,
+}
+
+#[derive(Debug)]
+struct ServingThread {
+    handle: Handle,
+    connections: Counter,
+}
+
+/// One thread's connection count, alone on its cache line: every accept
+/// reads all of them, and every connection's end writes one.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Counter(AtomicUsize);
+
+/// A connection's place on the thread chosen to serve it: counted there until
+/// this is dropped (when the connection's task ends, or is dropped unrun).
+#[derive(Debug)]
+pub struct Assigned {
+    threads: Arc<ServingThreads>,
+    index: usize,
+}
+
+impl Assigned {
+    /// The thread chosen.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+}
+
+impl Drop for Assigned {
+    fn drop(&mut self) {
+        let counter = &self.threads.threads[self.index].connections;
+        counter.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ServingThreads {
+    /// The serving threads, indexed as given: the first thread's runtime,
+    /// then each worker's ([`Workers::handles`]).
+    pub fn new(handles: impl IntoIterator<Item = Handle>) -> Arc<ServingThreads> {
+        let threads = handles
+            .into_iter()
+            .map(|handle| ServingThread {
+                handle,
+                connections: Counter::default(),
+            })
+            .collect();
+        Arc::new(ServingThreads { threads })
+    }
+
+    /// How many serving threads there are.
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Whether there are none (a proxy always has its first thread).
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+
+    /// How many connections each thread serves now, in thread order.
+    pub fn connections(&self) -> Vec<usize> {
+        let counts = self.threads.iter();
+        counts
+            .map(|thread| thread.connections.0.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Chooses the thread to serve a connection that thread `me` accepted:
+    /// the one with the fewest connections, `me` when it is among them. With
+    /// one thread nothing is counted (`None`): it serves everything.
+    pub fn assign(self: &Arc<Self>, me: usize) -> Option<Assigned> {
+        if self.threads.len() < 2 {
+            return None;
+        }
+        let count = |index: usize| self.threads[index].connections.0.load(Ordering::Relaxed);
+        let me = me.min(self.threads.len() - 1);
+        let mut chosen = (me, count(me));
+        for index in 0..self.threads.len() {
+            let connections = count(index);
+            if connections < chosen.1 {
+                chosen = (index, connections);
+            }
+        }
+        let index = chosen.0;
+        self.threads[index]
+            .connections
+            .0
+            .fetch_add(1, Ordering::Relaxed);
+        Some(Assigned {
+            threads: Arc::clone(self),
+            index,
+        })
+    }
+
+    /// Runs `task` (a connection, holding its [`Assigned`] place) on thread
+    /// `on` ([`Assigned::index`]), or on the current one when there is a
+    /// single thread (`None`), tracked by `tracker`.
+    pub fn spawn<F>(&self, on: Option<usize>, tracker: &TaskTracker, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match on {
+            Some(index) => {
+                self.threads[index].handle.spawn(tracker.track_future(task));
+            }
+            None => {
+                tracker.spawn(task);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +273,80 @@ mod tests {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected),
             "the pending task was dropped with its runtime"
         );
+    }
+
+    /// A runtime's handle for tests that only count: its thread is never used.
+    fn idle_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn a_connection_goes_to_the_thread_serving_fewest_the_acceptor_on_a_tie() {
+        let runtimes: Vec<_> = (0..3).map(|_| idle_runtime()).collect();
+        let threads = ServingThreads::new(runtimes.iter().map(|rt| rt.handle().clone()));
+        // All idle: the thread that accepted serves it.
+        let first = threads.assign(2).expect("counted");
+        assert_eq!(first.index(), 2);
+        // Thread 2 accepts on: the others have fewer, lowest index first.
+        let mut chosen: Vec<_> = (0..5)
+            .map(|_| threads.assign(2).expect("counted"))
+            .collect();
+        let indices: Vec<_> = chosen.iter().map(Assigned::index).collect();
+        assert_eq!(indices, [0, 1, 2, 0, 1]);
+        assert_eq!(threads.connections(), [2, 2, 2]);
+        // A connection on thread 1 ends: its next one goes there.
+        drop(chosen.remove(1));
+        assert_eq!(threads.connections(), [2, 1, 2]);
+        assert_eq!(threads.assign(0).expect("counted").index(), 1);
+        // An accept loop's index past the end is clamped, not a panic.
+        drop(first);
+        assert_eq!(threads.assign(7).expect("counted").index(), 2);
+    }
+
+    #[test]
+    fn a_single_thread_serves_everything_uncounted() {
+        let runtime = idle_runtime();
+        let threads = ServingThreads::new([runtime.handle().clone()]);
+        assert!(threads.assign(0).is_none());
+        assert_eq!(threads.connections(), [0]);
+    }
+
+    #[test]
+    fn an_assigned_task_runs_on_its_thread_and_is_uncounted_when_it_ends() {
+        let workers = Workers::start(2).expect("start workers");
+        let threads = ServingThreads::new(workers.handles().iter().cloned());
+        let tracker = TaskTracker::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (mut ran_on, mut releases) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let assigned = threads.assign(0).expect("counted");
+            let on = Some(assigned.index());
+            let (tx, (release, released)) = (tx.clone(), oneshot::channel::<()>());
+            releases.push(release);
+            // Holds its place until released, as a connection until it closes.
+            threads.spawn(on, &tracker, async move {
+                let _ = tx.send((assigned.index(), slot()));
+                let _ = released.await;
+                drop(assigned);
+            });
+            let ran = rx.recv_timeout(std::time::Duration::from_secs(5));
+            ran_on.push(ran.expect("the task ran"));
+        }
+        // Index 0 is the first worker (slot 1), index 1 the second (slot 2).
+        assert_eq!(ran_on, [(0, 1), (1, 2)]);
+        assert_eq!(threads.connections(), [1, 1]);
+        drop(releases);
+        tracker.close();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while threads.connections() != [0, 0] {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                threads.connections()
+            );
+            std::thread::yield_now();
+        }
     }
 }

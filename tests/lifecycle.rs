@@ -1,6 +1,7 @@
 //! Stopping the real binary: SIGTERM and SIGINT close the listeners at once, let
 //! in-flight requests finish and exit 0 as soon as nothing is left, or cut what
-//! is left when the grace period ends.
+//! is left when the grace period ends. And how the serving threads share the
+//! connections they accept.
 
 mod common;
 
@@ -8,12 +9,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{
-    FlowgateProcess, Origin, ReadEnd, client, full, read_response, read_until_close, servers_toml,
-    wait_until,
+    EchoOrigin, FlowgateProcess, Origin, ReadEnd, client, full, read_response, read_until_close,
+    servers_toml, wait_until,
 };
 use http_body_util::BodyExt;
 use hyper::Response;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const SLOW_BODY_BYTES: usize = 256 * 1024;
 
@@ -174,4 +176,65 @@ async fn idle_connections_do_not_delay_the_stop() {
         assert_eq!(end, ReadEnd::Closed);
         assert!(data.is_empty(), "unexpected bytes {data:?}");
     }
+}
+
+/// With two serving threads, the thread that accepts a connection hands it to
+/// the one serving fewer: held connections, http and tcp mode alike, end up
+/// half on each thread, each one answered there, and the counts fall back to
+/// zero as they close.
+#[tokio::test]
+async fn accepted_connections_are_shared_evenly_by_the_serving_threads() {
+    let origin = Origin::named("served").await;
+    let echo = EchoOrigin::start().await;
+    let toml = format!(
+        "[frontends.web]\nbind = [\"127.0.0.1:0\"]\nbackend = \"pool\"\n\n\
+         [frontends.raw]\nbind = [\"127.0.0.1:0\"]\nmode = \"tcp\"\nbackend = \"echo\"\n\n\
+         [backends.pool]\n\n{}[backends.echo]\n\n{}",
+        servers_toml("pool", &[origin.addr]),
+        servers_toml("echo", &[echo.addr]),
+    );
+    let config = flowgate::config::parse(&toml, std::path::Path::new("test.toml"))
+        .unwrap_or_else(|errors| panic!("config:\n{errors}"));
+    let workers = flowgate::workers::Workers::start(1).expect("a worker thread");
+    let proxy = flowgate::supervisor::Proxy::start_with_workers(config, workers.handles().to_vec())
+        .await
+        .expect("proxy starts");
+    let threads = proxy.serving_threads();
+    let (web, raw) = (proxy.local_addr("web"), proxy.local_addr("raw"));
+    let (web, raw) = (web.expect("web listens"), raw.expect("raw listens"));
+
+    let mut held = Vec::new();
+    for n in 0..8 {
+        let mut stream = TcpStream::connect(web).await.expect("connect");
+        let request = b"GET / HTTP/1.1\r\nhost: flowgate.test\r\n\r\n";
+        stream.write_all(request).await.expect("request");
+        let response = read_response(&mut stream, Duration::from_secs(5)).await;
+        let response = response.unwrap_or_else(|| panic!("no response on connection {n}"));
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "connection {n}: {response}"
+        );
+        assert!(response.ends_with("served"), "connection {n}: {response}");
+        held.push(stream);
+    }
+    assert_eq!(threads.connections(), [4, 4], "8 http connections");
+
+    for n in 0..8 {
+        let mut stream = TcpStream::connect(raw).await.expect("connect");
+        stream.write_all(b"ping").await.expect("write");
+        let mut echoed = [0u8; 4];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed));
+        read.await.expect("echoed in time").expect("echoed");
+        assert_eq!(&echoed, b"ping", "session {n}");
+        held.push(stream);
+    }
+    assert_eq!(threads.connections(), [8, 8], "and 8 tcp sessions");
+
+    drop(held);
+    wait_until(Duration::from_secs(5), "every connection ended", || {
+        threads.connections() == [0, 0]
+    })
+    .await;
+    drop(proxy);
+    drop(workers);
 }

@@ -26,6 +26,7 @@ use crate::http::server::{self, ServerBuilder};
 use crate::metrics::OpenConnection;
 use crate::runtime::SharedRuntime;
 use crate::tls::ClientStream;
+use crate::workers::{Assigned, ServingThreads};
 
 const BACKLOG: i32 = 1024;
 
@@ -58,6 +59,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// The access log new connections write to (swapped when a reload changes it).
     pub access_log: Arc<ArcSwapOption<AccessLog>>,
+    /// The threads accepted connections are served on.
+    pub threads: Arc<ServingThreads>,
 }
 
 /// What a listener serves, swapped whole when a reload changes it.
@@ -98,22 +101,55 @@ impl ListenerControl {
     }
 }
 
-/// One listening socket.
+/// One listening socket, as one serving thread accepts on it.
 #[derive(Debug)]
 pub struct Listener {
-    pub listener: TcpListener,
-    pub control: Arc<ListenerControl>,
+    listener: TcpListener,
+    control: Arc<ListenerControl>,
+    /// The serving thread this accept loop runs on (its index in
+    /// [`ServingThreads`]).
+    thread: usize,
 }
 
 impl Listener {
+    /// Accepts on `socket` from serving thread `thread`; call it on that
+    /// thread's runtime.
+    pub fn new(
+        socket: std::net::TcpListener,
+        control: Arc<ListenerControl>,
+        thread: usize,
+    ) -> io::Result<Listener> {
+        let listener = TcpListener::from_std(socket)?;
+        Ok(Listener {
+            listener,
+            control,
+            thread,
+        })
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Chooses the serving thread for a connection this thread accepted and
+    /// readies the connection to move there (see [`ServingThreads`]).
+    fn assign(
+        &self,
+        threads: &Arc<ServingThreads>,
+        stream: TcpStream,
+    ) -> io::Result<(Option<Assigned>, Accepted)> {
+        let assigned = threads.assign(self.thread);
+        let accepted = match &assigned {
+            Some(other) if other.index() != self.thread => Accepted::Moving(stream.into_std()?),
+            _ => Accepted::Here(stream),
+        };
+        Ok((assigned, accepted))
     }
 
     /// Accepts until `stop` is cancelled, then closes the socket at once: new
     /// connections are refused while the accepted ones go on.
     pub async fn run(self, shared: Shared) {
-        let Listener { listener, control } = self;
+        let control = Arc::clone(&self.control);
         let mut builder: Option<(u64, Arc<ServerBuilder>)> = None;
         loop {
             let settings = control.settings.load_full();
@@ -123,7 +159,7 @@ impl Listener {
                 break;
             };
             let (stream, client) = tokio::select! {
-                accepted = listener.accept() => match accepted {
+                accepted = self.listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(err) => {
                         backoff(&err).await;
@@ -150,6 +186,18 @@ impl Listener {
                 .and_then(|tls| tls.server.clone());
             let open = frontend.stats.open_connection();
             let access_log = shared.access_log.load_full();
+            if refused && frontend.config.mode == Mode::Tcp {
+                tracing::debug!(frontend = %frontend_name, %client, "session refused by allow/deny");
+                continue;
+            }
+            let (assigned, stream) = match self.assign(&shared.threads, stream) {
+                Ok(assigned) => assigned,
+                Err(err) => {
+                    tracing::warn!(%client, error = %err, "cannot hand a connection over");
+                    continue;
+                }
+            };
+            let on = assigned.as_ref().map(Assigned::index);
             match frontend.config.mode {
                 Mode::Http => {
                     let builder = match &builder {
@@ -173,21 +221,21 @@ impl Listener {
                         open,
                         access_log,
                     };
-                    shared.tracker.spawn(async move {
-                        prepare(&stream);
+                    shared.threads.spawn(on, &shared.tracker, async move {
+                        let Some(stream) = stream.register(client) else {
+                            return;
+                        };
                         let serve = std::pin::pin!(connection.serve(stream, tls));
                         until_cancelled(serve, &control.kill).await;
-                        drop(permits);
+                        drop((permits, assigned));
                     });
                 }
                 Mode::Tcp => {
-                    if refused {
-                        tracing::debug!(frontend = %frontend_name, %client, "session refused by allow/deny");
-                        continue;
-                    }
                     let frontend = Arc::clone(frontend);
-                    shared.tracker.spawn(async move {
-                        prepare(&stream);
+                    shared.threads.spawn(on, &shared.tracker, async move {
+                        let Some(stream) = stream.register(client) else {
+                            return;
+                        };
                         let session = async {
                             let _open = open;
                             let stream = match tls {
@@ -212,12 +260,12 @@ impl Listener {
                             .await;
                         };
                         until_cancelled(std::pin::pin!(session), &control.kill).await;
-                        drop(permits);
+                        drop((permits, assigned));
                     });
                 }
             }
         }
-        tracing::info!(frontend = %control.frontend(), addr = ?listener.local_addr().ok(), "stopped listening");
+        tracing::info!(frontend = %control.frontend(), addr = ?self.local_addr().ok(), "stopped listening");
     }
 }
 
@@ -292,6 +340,33 @@ async fn handshake(
             tracing::debug!(%client, "TLS handshake timed out");
             None
         }
+    }
+}
+
+/// An accepted connection on its way to the thread that serves it.
+enum Accepted {
+    /// Served on the thread that accepted it, registered with its I/O driver.
+    Here(TcpStream),
+    /// Handed to another thread: taken off the accepting thread's I/O driver.
+    Moving(std::net::TcpStream),
+}
+
+impl Accepted {
+    /// The connection, registered with the I/O driver of the thread this is
+    /// called on (the one serving it); `None` closes it.
+    fn register(self, client: SocketAddr) -> Option<TcpStream> {
+        let stream = match self {
+            Accepted::Here(stream) => stream,
+            Accepted::Moving(stream) => match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(err) => {
+                    tracing::warn!(%client, error = %err, "cannot register a handed-over connection");
+                    return None;
+                }
+            },
+        };
+        prepare(&stream);
+        Some(stream)
     }
 }
 
