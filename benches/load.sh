@@ -204,7 +204,7 @@ IDLE_TSV=""
 # Records a cell that could not be measured.
 fail_cell() {
     local row=$1 variant=$2 what=$3
-    printf '%s\t%s\t%s\t%s\t\t\t\t\t\t\t\t\t\n' "$row" "$variant" "$REP" "$what" >>"$CELLS_TSV"
+    printf '%s\t%s\t%s\t%s\t\t\t\t\t\t\t\t\t\t\n' "$row" "$variant" "$REP" "$what" >>"$CELLS_TSV"
     FAILED=1
 }
 
@@ -213,7 +213,7 @@ fail_cell() {
 measure() {
     local row=$1 variant=$2 pid=$3 port=$4 tls_port=$5
     local base="$TMP/out/$row-$variant-rep$REP" rc=0 parsed
-    local cpu0="" cpu1="" ocpu0 ocpu1 pcore0 pcore1 lcore0 lcore1
+    local cpu0="" cpu1="" ocpu0 ocpu1 pcore0 pcore1 lcore0 lcore1 threads0="" busiest=nan
     load_command "$row" "$port" "$WARMUP" "" "$tls_port"
     run_waited timeout -k 5 $((WARMUP + 60)) "${LOAD[@]}" >"$base.warmup.txt" 2>&1 || true
     # The warm-up's answers must be 2xx as well.
@@ -229,11 +229,14 @@ measure() {
     load_command "$row" "$port" "$DURATION" "$base.h2log" "$tls_port"
     log "$row / $variant (rep $REP): ${LOAD[*]}"
     if [[ -n $pid ]]; then cpu0=$(cpu_seconds "$pid"); fi
+    # How evenly a two-thread proxy spread the work over its threads.
+    if [[ -n $pid && $variant == *-2t ]]; then threads0=$(thread_ticks "$pid"); fi
     ocpu0=$(cpu_seconds "$ORIGINS_PID")
     pcore0=$(core_jiffies "$PROXY_CPU")
     lcore0=$(core_jiffies "$LOAD_CPU")
     run_waited timeout -k 5 $((DURATION + 60)) "${LOAD[@]}" >"$base.txt" 2>&1 || rc=$?
     if [[ -n $pid ]]; then cpu1=$(cpu_seconds "$pid"); fi
+    if [[ -n $threads0 ]]; then busiest=$(busiest_thread "$threads0" "$(thread_ticks "$pid")"); fi
     ocpu1=$(cpu_seconds "$ORIGINS_PID")
     pcore1=$(core_jiffies "$PROXY_CPU")
     lcore1=$(core_jiffies "$LOAD_CPU")
@@ -266,10 +269,10 @@ measure() {
         proxy_cpu=$(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.3f", b - a }')
         if [[ $variant != *-?t ]]; then pbusy=$(busy_percent "$pcore0" "$pcore1"); fi
     fi
-    printf '%s\t%s\t%s\tok\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$row" "$variant" "$REP" \
+    printf '%s\t%s\t%s\tok\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$row" "$variant" "$REP" \
         "$rps" "$p50" "$p99" "$requests" "$errors" "$proxy_cpu" \
         "$(awk -v a="$ocpu0" -v b="$ocpu1" 'BEGIN { printf "%.3f", b - a }')" \
-        "$pbusy" "$(busy_percent "$lcore0" "$lcore1")" >>"$CELLS_TSV"
+        "$pbusy" "$(busy_percent "$lcore0" "$lcore1")" "$busiest" >>"$CELLS_TSV"
     log "$row / $variant: $rps req/s, p99 $p99 ms, $requests requests, proxy CPU ${proxy_cpu:-n/a} s, errors $errors"
     if ((errors > 0)); then
         log "$row / $variant: $errors requests not answered 2xx:"
@@ -402,7 +405,7 @@ raise_nofile
 make_tmp flowgate-load
 CELLS_TSV="$TMP/cells.tsv"
 IDLE_TSV="$TMP/idle.tsv"
-printf 'row\tvariant\trep\tstatus\trps\tp50_ms\tp99_ms\trequests\terrors\tproxy_cpu_s\torigin_cpu_s\tproxy_busy\tload_busy\n' >"$CELLS_TSV"
+printf 'row\tvariant\trep\tstatus\trps\tp50_ms\tp99_ms\trequests\terrors\tproxy_cpu_s\torigin_cpu_s\tproxy_busy\tload_busy\tbusiest_thread\n' >"$CELLS_TSV"
 printf 'variant\trep\tkind\tcount\tconnected\theld\trss_start_kb\trss_fresh_kb\trss_request_kb\tstatus\n' >"$IDLE_TSV"
 
 check_ports_free

@@ -77,6 +77,36 @@ proc_tree() {
 
 # utime + stime of PID and its descendants (nginx's worker), all their
 # threads, in clock ticks; returns 1 when none of them is running.
+# "TID TICKS" for every thread of PID and its descendants (utime + stime).
+thread_ticks() {
+    local pid task rest
+    local -a fields
+    while read -r pid; do
+        for task in /proc/"$pid"/task/*; do
+            read -r rest 2>/dev/null <"$task/stat" || continue
+            rest=${rest##*) }
+            read -ra fields <<<"$rest"
+            echo "${task##*/} $((fields[11] + fields[12]))"
+        done
+    done < <(proc_tree "$1")
+}
+
+# The busiest thread's share (percent) of the CPU all threads used between
+# two thread_ticks snapshots; "nan" when they used none.
+busiest_thread() {
+    awk -v before="$1" -v after="$2" 'BEGIN {
+        n = split(before, b, "\n")
+        for (i = 1; i <= n; i++) { split(b[i], f, " "); start[f[1]] = f[2] }
+        n = split(after, a, "\n")
+        for (i = 1; i <= n; i++) {
+            split(a[i], f, " ")
+            if (f[1] == "") continue
+            d = f[2] - start[f[1]]; total += d; if (d > most) most = d
+        }
+        if (total > 0) printf "%.1f", 100 * most / total; else print "nan"
+    }'
+}
+
 cpu_ticks() {
     local pid rest ticks=0 found=0
     local -a fields

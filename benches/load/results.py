@@ -200,7 +200,7 @@ class Cell:
 
     def __init__(self):
         self.rps, self.p50, self.p99, self.cpu, self.origin_cpu = [], [], [], [], []
-        self.proxy_busy, self.load_busy = [], []
+        self.proxy_busy, self.load_busy, self.busiest_thread = [], [], []
         self.errors = 0
         self.failures = []
 
@@ -217,6 +217,7 @@ class Cell:
         self.origin_cpu.append(per10k(num(r["origin_cpu_s"])))
         self.proxy_busy.append(num(r["proxy_busy"]))
         self.load_busy.append(num(r["load_busy"]))
+        self.busiest_thread.append(num(r.get("busiest_thread")))
         self.errors += int(r["errors"] or 0)
 
 
@@ -311,18 +312,25 @@ def report(meta_path, cells_path, idle_path):
                 w(f"Proxy CPU per request with the access log on (one text line per request, "
                   f"to a file) over flowgate without it (first table): ×{r:.2f}.")
         if row == "ka-100-threads":
-            gains = []
+            gains, shares = [], []
             for proxy, name in (("flowgate", "flowgate"), ("haproxy", "HAProxy")):
                 one, two = cells.get((row, f"{proxy}-1t")), cells.get((row, f"{proxy}-2t"))
                 r = ratio(median(two.rps) if two else None, median(one.rps) if one else None)
                 if r is not None:
                     gains.append(f"{name} ×{r:.2f} ({fmt(median(one.rps), 'rps')} → "
                                  f"{fmt(median(two.rps), 'rps')} req/s)")
+                if two and median(two.busiest_thread) is not None:
+                    xs = [x for x in two.busiest_thread if x is not None]
+                    shares.append(f"{name} {median(xs):.0f} % ({min(xs):.0f}–{max(xs):.0f})")
             if gains:
                 w("")
                 w(f"Two threads over one (both unpinned, same load), throughput: "
                   f"{'; '.join(gains)}. On 2 cores the second thread competes with wrk "
                   f"and the origins.")
+            if shares:
+                w("")
+                w(f"The busiest thread's share of the proxy's CPU with two threads "
+                  f"(50 % is an even split): {'; '.join(shares)}.")
         w("")
 
     if idle:
