@@ -218,6 +218,13 @@ impl ServingThreads {
         })
     }
 
+    /// Makes thread `index`'s runtime the current one until the guard drops,
+    /// so that a socket created meanwhile registers with its I/O driver
+    /// (from whichever thread: the driver is shared safely).
+    pub fn enter(&self, index: usize) -> tokio::runtime::EnterGuard<'_> {
+        self.threads[index].handle.enter()
+    }
+
     /// Runs `task` (a connection, holding its [`Assigned`] place) on thread
     /// `on` ([`Assigned::index`]), or on the current one when there is a
     /// single thread (`None`), tracked by `tracker`.

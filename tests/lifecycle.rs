@@ -218,6 +218,9 @@ async fn accepted_connections_are_shared_evenly_by_the_serving_threads() {
         held.push(stream);
     }
     assert_eq!(threads.connections(), [4, 4], "8 http connections");
+    // Each connection's events are taken by the I/O driver of the thread
+    // serving it: one epoll instance per thread.
+    assert_eq!(epoll_sets_holding(&[web]), [4, 4], "8 http connections");
 
     for n in 0..8 {
         let mut stream = TcpStream::connect(raw).await.expect("connect");
@@ -229,6 +232,11 @@ async fn accepted_connections_are_shared_evenly_by_the_serving_threads() {
         held.push(stream);
     }
     assert_eq!(threads.connections(), [8, 8], "and 8 tcp sessions");
+    assert_eq!(
+        epoll_sets_holding(&[web, raw]),
+        [8, 8],
+        "and 8 tcp sessions"
+    );
 
     drop(held);
     wait_until(Duration::from_secs(5), "every connection ended", || {
@@ -237,4 +245,76 @@ async fn accepted_connections_are_shared_evenly_by_the_serving_threads() {
     .await;
     drop(proxy);
     drop(workers);
+}
+
+/// How many of this process's established sockets accepted on `listeners`
+/// each epoll instance watches (instances watching none left out, sorted),
+/// from `/proc/net/tcp`, `/proc/self/fd` and each instance's `fdinfo`.
+fn epoll_sets_holding(listeners: &[SocketAddr]) -> Vec<usize> {
+    let ports: Vec<u16> = listeners.iter().map(SocketAddr::port).collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    // Inodes of established sockets whose local port is a listener's.
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = fields.get(1)?.rsplit(':').next()?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            let established = fields.get(3) == Some(&"01");
+            (established && ports.contains(&port)).then(|| fields.get(9).map(|s| s.to_string()))?
+        })
+        .collect();
+    let mut sockets = Vec::new();
+    let mut epolls = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .flatten()
+    {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let (target, fd) = (target.to_string_lossy().into_owned(), entry.file_name());
+        let fd: i32 = fd.to_string_lossy().parse().expect("an fd number");
+        if target == "anon_inode:[eventpoll]" {
+            epolls.push(fd);
+        } else if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            if inodes.iter().any(|wanted| wanted == inode) {
+                sockets.push(fd);
+            }
+        }
+    }
+    assert_eq!(sockets.len(), inodes.len(), "every accepted socket found");
+    // An instance can be open under more than one fd (a runtime keeps a
+    // duplicate): one count per instance, told apart by what it watches
+    // (all epoll instances share one anonymous inode).
+    let mut instances = std::collections::HashMap::new();
+    for epoll in &epolls {
+        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{epoll}")) else {
+            continue;
+        };
+        let mut targets: Vec<&str> = info
+            .lines()
+            .filter(|line| line.starts_with("tfd:"))
+            .collect();
+        targets.sort_unstable();
+        let watched = info
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("tfd:")?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .filter(|fd: &i32| sockets.contains(fd))
+            .count();
+        instances.insert(targets.join("\n"), watched);
+    }
+    let mut counts: Vec<usize> = instances.into_values().filter(|&count| count > 0).collect();
+    counts.sort_unstable();
+    counts
 }

@@ -131,19 +131,23 @@ impl Listener {
         self.listener.local_addr()
     }
 
-    /// Chooses the serving thread for a connection this thread accepted and
-    /// readies the connection to move there (see [`ServingThreads`]).
+    /// Chooses the serving thread for a connection this thread accepted (see
+    /// [`ServingThreads`]); a connection handed to another thread moves to
+    /// that thread's I/O driver.
     fn assign(
         &self,
         threads: &Arc<ServingThreads>,
         stream: TcpStream,
-    ) -> io::Result<(Option<Assigned>, Accepted)> {
+    ) -> io::Result<(Option<Assigned>, TcpStream)> {
         let assigned = threads.assign(self.thread);
-        let accepted = match &assigned {
-            Some(other) if other.index() != self.thread => Accepted::Moving(stream.into_std()?),
-            _ => Accepted::Here(stream),
+        let stream = match &assigned {
+            Some(other) if other.index() != self.thread => {
+                let _driver = threads.enter(other.index());
+                TcpStream::from_std(stream.into_std()?)?
+            }
+            _ => stream,
         };
-        Ok((assigned, accepted))
+        Ok((assigned, stream))
     }
 
     /// Accepts until `stop` is cancelled, then closes the socket at once: new
@@ -222,9 +226,7 @@ impl Listener {
                         access_log,
                     };
                     shared.threads.spawn(on, &shared.tracker, async move {
-                        let Some(stream) = stream.register(client) else {
-                            return;
-                        };
+                        prepare(&stream);
                         let serve = std::pin::pin!(connection.serve(stream, tls));
                         until_cancelled(serve, &control.kill).await;
                         drop((permits, assigned));
@@ -233,9 +235,7 @@ impl Listener {
                 Mode::Tcp => {
                     let frontend = Arc::clone(frontend);
                     shared.threads.spawn(on, &shared.tracker, async move {
-                        let Some(stream) = stream.register(client) else {
-                            return;
-                        };
+                        prepare(&stream);
                         let session = async {
                             let _open = open;
                             let stream = match tls {
@@ -340,33 +340,6 @@ async fn handshake(
             tracing::debug!(%client, "TLS handshake timed out");
             None
         }
-    }
-}
-
-/// An accepted connection on its way to the thread that serves it.
-enum Accepted {
-    /// Served on the thread that accepted it, registered with its I/O driver.
-    Here(TcpStream),
-    /// Handed to another thread: taken off the accepting thread's I/O driver.
-    Moving(std::net::TcpStream),
-}
-
-impl Accepted {
-    /// The connection, registered with the I/O driver of the thread this is
-    /// called on (the one serving it); `None` closes it.
-    fn register(self, client: SocketAddr) -> Option<TcpStream> {
-        let stream = match self {
-            Accepted::Here(stream) => stream,
-            Accepted::Moving(stream) => match TcpStream::from_std(stream) {
-                Ok(stream) => stream,
-                Err(err) => {
-                    tracing::warn!(%client, error = %err, "cannot register a handed-over connection");
-                    return None;
-                }
-            },
-        };
-        prepare(&stream);
-        Some(stream)
     }
 }
 
