@@ -17,6 +17,7 @@ use prometheus::proto::{
 use crate::runtime::Runtime;
 use crate::supervisor::ReloadStats;
 use crate::upstream::ServerStatus;
+use crate::workers::ServingThreads;
 
 /// Upper bounds in seconds: from 1 ms REST calls to 5-minute long-polls.
 pub const BUCKETS: [f64; 17] = [
@@ -254,7 +255,7 @@ fn metric(labels: &[(&str, &str)]) -> Metric {
 }
 
 /// Everything flowgate exports, in Prometheus text format.
-pub fn render(runtime: &Runtime, reloads: &ReloadStats) -> String {
+pub fn render(runtime: &Runtime, reloads: &ReloadStats, threads: &ServingThreads) -> String {
     use MetricType::{COUNTER, GAUGE, HISTOGRAM};
 
     let mut up = Family::new(
@@ -408,6 +409,15 @@ pub fn render(runtime: &Runtime, reloads: &ReloadStats) -> String {
         );
     }
 
+    let mut thread_connections = Family::new(
+        "flowgate_thread_connections",
+        "Client connections each serving thread serves now (global.threads).",
+        GAUGE,
+    );
+    for (thread, count) in threads.connections().into_iter().enumerate() {
+        thread_connections.gauge(&[("thread", &thread.to_string())], count as f64);
+    }
+
     let mut reload_results = Family::new(
         "flowgate_config_reloads_total",
         "Configuration reloads by result.",
@@ -470,6 +480,7 @@ pub fn render(runtime: &Runtime, reloads: &ReloadStats) -> String {
         bytes_in,
         bytes_out,
         handshake_failures,
+        thread_connections,
         reload_results,
         generation,
         last_success,

@@ -139,6 +139,7 @@ struct Counter(AtomicUsize);
 
 /// A connection's place on the thread chosen to serve it: counted there until
 /// this is dropped (when the connection's task ends, or is dropped unrun).
+/// The counts are `flowgate_thread_connections` in the metrics.
 #[derive(Debug)]
 pub struct Assigned {
     threads: Arc<ServingThreads>,
@@ -192,12 +193,8 @@ impl ServingThreads {
     }
 
     /// Chooses the thread to serve a connection that thread `me` accepted:
-    /// the one with the fewest connections, `me` when it is among them. With
-    /// one thread nothing is counted (`None`): it serves everything.
-    pub fn assign(self: &Arc<Self>, me: usize) -> Option<Assigned> {
-        if self.threads.len() < 2 {
-            return None;
-        }
+    /// the one with the fewest connections, `me` when it is among them.
+    pub fn assign(self: &Arc<Self>, me: usize) -> Assigned {
         let count = |index: usize| self.threads[index].connections.0.load(Ordering::Relaxed);
         let me = me.min(self.threads.len() - 1);
         let mut chosen = (me, count(me));
@@ -212,10 +209,10 @@ impl ServingThreads {
             .connections
             .0
             .fetch_add(1, Ordering::Relaxed);
-        Some(Assigned {
+        Assigned {
             threads: Arc::clone(self),
             index,
-        })
+        }
     }
 
     /// Makes thread `index`'s runtime the current one until the guard drops,
@@ -226,20 +223,12 @@ impl ServingThreads {
     }
 
     /// Runs `task` (a connection, holding its [`Assigned`] place) on thread
-    /// `on` ([`Assigned::index`]), or on the current one when there is a
-    /// single thread (`None`), tracked by `tracker`.
-    pub fn spawn<F>(&self, on: Option<usize>, tracker: &TaskTracker, task: F)
+    /// `on` ([`Assigned::index`]), tracked by `tracker`.
+    pub fn spawn<F>(&self, on: usize, tracker: &TaskTracker, task: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        match on {
-            Some(index) => {
-                self.threads[index].handle.spawn(tracker.track_future(task));
-            }
-            None => {
-                tracker.spawn(task);
-            }
-        }
+        self.threads[on].handle.spawn(tracker.track_future(task));
     }
 }
 
@@ -294,29 +283,30 @@ mod tests {
         let runtimes: Vec<_> = (0..3).map(|_| idle_runtime()).collect();
         let threads = ServingThreads::new(runtimes.iter().map(|rt| rt.handle().clone()));
         // All idle: the thread that accepted serves it.
-        let first = threads.assign(2).expect("counted");
+        let first = threads.assign(2);
         assert_eq!(first.index(), 2);
         // Thread 2 accepts on: the others have fewer, lowest index first.
-        let mut chosen: Vec<_> = (0..5)
-            .map(|_| threads.assign(2).expect("counted"))
-            .collect();
+        let mut chosen: Vec<_> = (0..5).map(|_| threads.assign(2)).collect();
         let indices: Vec<_> = chosen.iter().map(Assigned::index).collect();
         assert_eq!(indices, [0, 1, 2, 0, 1]);
         assert_eq!(threads.connections(), [2, 2, 2]);
         // A connection on thread 1 ends: its next one goes there.
         drop(chosen.remove(1));
         assert_eq!(threads.connections(), [2, 1, 2]);
-        assert_eq!(threads.assign(0).expect("counted").index(), 1);
+        assert_eq!(threads.assign(0).index(), 1);
         // An accept loop's index past the end is clamped, not a panic.
         drop(first);
-        assert_eq!(threads.assign(7).expect("counted").index(), 2);
+        assert_eq!(threads.assign(7).index(), 2);
     }
 
     #[test]
-    fn a_single_thread_serves_everything_uncounted() {
+    fn a_single_thread_serves_everything_and_counts_it() {
         let runtime = idle_runtime();
         let threads = ServingThreads::new([runtime.handle().clone()]);
-        assert!(threads.assign(0).is_none());
+        let (first, second) = (threads.assign(0), threads.assign(0));
+        assert_eq!((first.index(), second.index()), (0, 0));
+        assert_eq!(threads.connections(), [2]);
+        drop((first, second));
         assert_eq!(threads.connections(), [0]);
     }
 
@@ -328,8 +318,8 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let (mut ran_on, mut releases) = (Vec::new(), Vec::new());
         for _ in 0..2 {
-            let assigned = threads.assign(0).expect("counted");
-            let on = Some(assigned.index());
+            let assigned = threads.assign(0);
+            let on = assigned.index();
             let (tx, (release, released)) = (tx.clone(), oneshot::channel::<()>());
             releases.push(release);
             // Holds its place until released, as a connection until it closes.

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    Body, Engine, FlowgateProcess, HttpClient, Origin, client, empty, full, refused_addr,
-    unused_addr, wait_refused, wait_until,
+    Body, Engine, FlowgateProcess, HttpClient, Origin, client, empty, full, read_response,
+    refused_addr, unused_addr, wait_refused, wait_until,
 };
 use flowgate::admin::auth::{hex, token_digest};
 use http_body_util::BodyExt;
@@ -984,6 +984,45 @@ async fn admin_state_survives_reloads_and_restarts_with_a_state_file() {
 
 // ---- Metrics and reload ----
 
+/// `flowgate_thread_connections`: with two serving threads, held client
+/// connections show up half on each (a new one goes to the thread serving
+/// fewer), admin connections not among them, and leave as they close.
+#[tokio::test]
+async fn thread_connections_show_how_the_threads_share_the_clients() {
+    use tokio::io::AsyncWriteExt;
+    let origin = Origin::named("served").await;
+    let flowgate = FlowgateProcess::run(&pool_config(&[origin.addr], CHECKS_OFF, "threads = 2"));
+    let api = AdminApi::of(&flowgate).await;
+    let web = flowgate.frontend_addr("web").await;
+    let per_thread = |scrape: Scrape| {
+        ["0", "1"].map(|thread| scrape.get("flowgate_thread_connections", &[("thread", thread)]))
+    };
+    assert_eq!(per_thread(api.scrape().await), [0.0, 0.0]);
+
+    let mut held = Vec::new();
+    for n in 0..6 {
+        let mut stream = tokio::net::TcpStream::connect(web).await.expect("connect");
+        let request = b"GET / HTTP/1.1\r\nhost: flowgate.test\r\n\r\n";
+        stream.write_all(request).await.expect("request");
+        let response = read_response(&mut stream, Duration::from_secs(5)).await;
+        let response = response.unwrap_or_else(|| panic!("no response on connection {n}"));
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "connection {n}: {response}"
+        );
+        held.push(stream);
+    }
+    assert_eq!(per_thread(api.scrape().await), [3.0, 3.0]);
+
+    drop(held);
+    eventually(
+        Duration::from_secs(5),
+        "every connection closed",
+        || async { per_thread(api.scrape().await) == [0.0, 0.0] },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_match_the_traffic_sent() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
@@ -1035,6 +1074,7 @@ async fn metrics_match_the_traffic_sent() {
         "flowgate_frontend_connections_total",
         "flowgate_frontend_active_connections",
         "flowgate_frontend_requests_total",
+        "flowgate_thread_connections",
         "flowgate_config_reloads_total",
         "flowgate_config_generation",
         "flowgate_config_last_reload_success_timestamp_seconds",

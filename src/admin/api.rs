@@ -125,7 +125,7 @@ pub async fn handle(ctx: &AdminContext, request: Request<Incoming>) -> Response<
         Route::Healthz => text(StatusCode::OK, "ok\n"),
         Route::Readyz => readiness(ctx),
         Route::Metrics => {
-            let body = crate::metrics::render(&ctx.runtime.load(), &ctx.reloads);
+            let body = crate::metrics::render(&ctx.runtime.load(), &ctx.reloads, &ctx.threads);
             let mut response = Response::new(Full::new(Bytes::from(body)));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,

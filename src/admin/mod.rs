@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{self, AdminToken};
 use crate::runtime::SharedRuntime;
 use crate::supervisor::{Proxy, ReloadHandle, ReloadStats};
+use crate::workers::ServingThreads;
 
 /// Admin connections served at once; more wait in the accept backlog.
 const MAX_CONNECTIONS: usize = 256;
@@ -48,6 +49,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AdminContext {
     runtime: SharedRuntime,
     reloads: Arc<ReloadStats>,
+    /// The serving threads, for their connection counts.
+    threads: Arc<ServingThreads>,
     reload: ReloadHandle,
     /// Swapped when a reload changes `admin.tokens`.
     tokens: ArcSwap<Vec<AdminToken>>,
@@ -116,6 +119,7 @@ impl Admin {
         let ctx = AdminContext {
             runtime,
             reloads: Arc::clone(proxy.reload_stats()),
+            threads: Arc::clone(proxy.serving_threads()),
             reload,
             tokens: ArcSwap::from_pointee(tokens),
             tls: ArcSwapOption::new(tls),

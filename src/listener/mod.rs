@@ -138,14 +138,13 @@ impl Listener {
         &self,
         threads: &Arc<ServingThreads>,
         stream: TcpStream,
-    ) -> io::Result<(Option<Assigned>, TcpStream)> {
+    ) -> io::Result<(Assigned, TcpStream)> {
         let assigned = threads.assign(self.thread);
-        let stream = match &assigned {
-            Some(other) if other.index() != self.thread => {
-                let _driver = threads.enter(other.index());
-                TcpStream::from_std(stream.into_std()?)?
-            }
-            _ => stream,
+        let stream = if assigned.index() == self.thread {
+            stream
+        } else {
+            let _driver = threads.enter(assigned.index());
+            TcpStream::from_std(stream.into_std()?)?
         };
         Ok((assigned, stream))
     }
@@ -201,7 +200,7 @@ impl Listener {
                     continue;
                 }
             };
-            let on = assigned.as_ref().map(Assigned::index);
+            let on = assigned.index();
             match frontend.config.mode {
                 Mode::Http => {
                     let builder = match &builder {
