@@ -174,16 +174,6 @@ impl ServingThreads {
         Arc::new(ServingThreads { threads })
     }
 
-    /// How many serving threads there are.
-    pub fn len(&self) -> usize {
-        self.threads.len()
-    }
-
-    /// Whether there are none (a proxy always has its first thread).
-    pub fn is_empty(&self) -> bool {
-        self.threads.is_empty()
-    }
-
     /// How many connections each thread serves now, in thread order.
     pub fn connections(&self) -> Vec<usize> {
         let counts = self.threads.iter();
