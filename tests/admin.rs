@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    Body, Engine, FlowgateProcess, HttpClient, Origin, client, empty, full, read_response,
+    Body, Engine, FlowgateProcess, HttpClient, Origin, client, empty, full, held_connections,
     refused_addr, unused_addr, wait_refused, wait_until,
 };
 use flowgate::admin::auth::{hex, token_digest};
@@ -989,7 +989,6 @@ async fn admin_state_survives_reloads_and_restarts_with_a_state_file() {
 /// fewer), admin connections not among them, and leave as they close.
 #[tokio::test]
 async fn thread_connections_show_how_the_threads_share_the_clients() {
-    use tokio::io::AsyncWriteExt;
     let origin = Origin::named("served").await;
     let flowgate = FlowgateProcess::run(&pool_config(&[origin.addr], CHECKS_OFF, "threads = 2"));
     let api = AdminApi::of(&flowgate).await;
@@ -999,19 +998,7 @@ async fn thread_connections_show_how_the_threads_share_the_clients() {
     };
     assert_eq!(per_thread(api.scrape().await), [0.0, 0.0]);
 
-    let mut held = Vec::new();
-    for n in 0..6 {
-        let mut stream = tokio::net::TcpStream::connect(web).await.expect("connect");
-        let request = b"GET / HTTP/1.1\r\nhost: flowgate.test\r\n\r\n";
-        stream.write_all(request).await.expect("request");
-        let response = read_response(&mut stream, Duration::from_secs(5)).await;
-        let response = response.unwrap_or_else(|| panic!("no response on connection {n}"));
-        assert!(
-            response.starts_with("HTTP/1.1 200"),
-            "connection {n}: {response}"
-        );
-        held.push(stream);
-    }
+    let held = held_connections(web, 6, "served").await;
     assert_eq!(per_thread(api.scrape().await), [3.0, 3.0]);
 
     drop(held);

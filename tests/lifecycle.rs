@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{
-    EchoOrigin, FlowgateProcess, Origin, ReadEnd, client, full, read_response, read_until_close,
-    servers_toml, wait_until,
+    EchoOrigin, FlowgateProcess, Origin, ReadEnd, client, full, held_connections, read_response,
+    read_until_close, servers_toml, wait_until,
 };
 use http_body_util::BodyExt;
 use hyper::Response;
@@ -203,20 +203,7 @@ async fn accepted_connections_are_shared_evenly_by_the_serving_threads() {
     let (web, raw) = (proxy.local_addr("web"), proxy.local_addr("raw"));
     let (web, raw) = (web.expect("web listens"), raw.expect("raw listens"));
 
-    let mut held = Vec::new();
-    for n in 0..8 {
-        let mut stream = TcpStream::connect(web).await.expect("connect");
-        let request = b"GET / HTTP/1.1\r\nhost: flowgate.test\r\n\r\n";
-        stream.write_all(request).await.expect("request");
-        let response = read_response(&mut stream, Duration::from_secs(5)).await;
-        let response = response.unwrap_or_else(|| panic!("no response on connection {n}"));
-        assert!(
-            response.starts_with("HTTP/1.1 200"),
-            "connection {n}: {response}"
-        );
-        assert!(response.ends_with("served"), "connection {n}: {response}");
-        held.push(stream);
-    }
+    let mut held = held_connections(web, 8, "served").await;
     assert_eq!(threads.connections(), [4, 4], "8 http connections");
     // Each connection's events are taken by the I/O driver of the thread
     // serving it: one epoll instance per thread.

@@ -321,6 +321,32 @@ pub async fn read_response(
     }
 }
 
+/// Opens `count` keep-alive connections to `addr` one after another, each
+/// answered 200 with `body` to a `GET /` before the next one opens, and
+/// returns them still open.
+pub async fn held_connections(
+    addr: SocketAddr,
+    count: usize,
+    body: &str,
+) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut held = Vec::new();
+    for n in 0..count {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = b"GET / HTTP/1.1\r\nhost: flowgate.test\r\n\r\n";
+        stream.write_all(request).await.expect("request");
+        let response = read_response(&mut stream, Duration::from_secs(5)).await;
+        let response = response.unwrap_or_else(|| panic!("no response on connection {n}"));
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "connection {n}: {response}"
+        );
+        assert!(response.ends_with(body), "connection {n}: {response}");
+        held.push(stream);
+    }
+    held
+}
+
 /// Connects to `addr` from the loopback address `source` (e.g. 127.0.0.2), to
 /// test allow/deny lists without leaving loopback.
 pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> tokio::net::TcpStream {
