@@ -157,9 +157,6 @@ pub struct Proxy {
     checks: HealthChecks,
     reloads: Arc<ReloadStats>,
     background: CancellationToken,
-    /// Worker runtimes that accept (and serve) too, besides the one the proxy
-    /// was started on.
-    workers: Vec<Handle>,
 }
 
 impl Proxy {
@@ -219,7 +216,6 @@ impl Proxy {
             checks,
             reloads,
             background,
-            workers,
         };
         proxy.update_frontend_limits(&config);
         for (key, frontend, socket) in sockets {
@@ -386,7 +382,7 @@ impl Proxy {
         tracing::info!(frontend = %frontend.name, %addr, "listening");
         // The same socket on every worker: the kernel hands each new connection
         // to one of the accept loops, which chooses the thread to serve it.
-        for (index, worker) in self.workers.iter().enumerate() {
+        for thread in 1..self.shared.threads.count() {
             let socket = match socket.as_fd().try_clone_to_owned() {
                 Ok(fd) => std::net::TcpListener::from(fd),
                 Err(err) => {
@@ -395,9 +391,9 @@ impl Proxy {
                 }
             };
             let (control, shared) = (Arc::clone(&control), self.shared.clone());
-            let accept = self.accept_loops.track_future(async move {
+            self.shared.threads.spawn(thread, &self.accept_loops, async move {
                 // Registered with the worker's own I/O driver, on the worker.
-                match Listener::new(socket, Arc::clone(&control), index + 1) {
+                match Listener::new(socket, Arc::clone(&control), thread) {
                     Ok(listener) => listener.run(shared).await,
                     Err(err) => {
                         let frontend = control.frontend();
@@ -405,7 +401,6 @@ impl Proxy {
                     }
                 }
             });
-            worker.spawn(accept);
         }
         let listener = Listener::new(socket, Arc::clone(&control), 0).map_err(bind_error)?;
         self.accept_loops.spawn(listener.run(self.shared.clone()));

@@ -174,6 +174,11 @@ impl ServingThreads {
         Arc::new(ServingThreads { threads })
     }
 
+    /// How many serving threads there are: 0 is the first, the workers follow.
+    pub fn count(&self) -> usize {
+        self.threads.len()
+    }
+
     /// How many connections each thread serves now, in thread order.
     pub fn connections(&self) -> Vec<usize> {
         let counts = self.threads.iter();
@@ -212,8 +217,8 @@ impl ServingThreads {
         self.threads[index].handle.enter()
     }
 
-    /// Runs `task` (a connection, holding its [`Assigned`] place) on thread
-    /// `on` ([`Assigned::index`]), tracked by `tracker`.
+    /// Runs `task` on thread `on` (for a connection, its [`Assigned::index`]),
+    /// tracked by `tracker`.
     pub fn spawn<F>(&self, on: usize, tracker: &TaskTracker, task: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
