@@ -24,6 +24,11 @@ pub enum ProxyError {
     ResponseTimeout(Duration),
     #[error("server connection failed: {0}")]
     Upstream(hyper::Error),
+    /// The server connection failed under flowgate's own HTTP/1.1 codec.
+    #[error("server connection failed: {0}")]
+    ServerIo(std::io::Error),
+    #[error("bad response from server: {0}")]
+    BadResponse(#[from] crate::http::h1::BadResponse),
 }
 
 impl ProxyError {
@@ -33,7 +38,10 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ProxyError::Connect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect(_)
+            | ProxyError::Upstream(_)
+            | ProxyError::ServerIo(_)
+            | ProxyError::BadResponse(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -48,7 +56,11 @@ impl ProxyError {
             // RESOURCE_EXHAUSTED
             ProxyError::HeadTooLarge(_) => "8",
             // UNAVAILABLE: the call never ran, or the server is gone.
-            ProxyError::Unavailable(_) | ProxyError::Connect(_) | ProxyError::Upstream(_) => "14",
+            ProxyError::Unavailable(_)
+            | ProxyError::Connect(_)
+            | ProxyError::Upstream(_)
+            | ProxyError::ServerIo(_)
+            | ProxyError::BadResponse(_) => "14",
             // DEADLINE_EXCEEDED
             ProxyError::ResponseTimeout(_) => "4",
         }
@@ -80,7 +92,8 @@ impl ProxyError {
         local_response(self.status(), self.client_message())
     }
 
-    fn client_message(&self) -> &'static str {
+    /// The text of flowgate's answer to the client.
+    pub fn client_message(&self) -> &'static str {
         match self {
             ProxyError::Refused => "forbidden\n",
             ProxyError::BadRequest(_) => "bad request\n",
@@ -90,7 +103,10 @@ impl ProxyError {
                 "timed out waiting for a server\n"
             }
             ProxyError::HeadTooLarge(_) => "request head too large\n",
-            ProxyError::Connect(_) | ProxyError::Upstream(_) => "bad gateway\n",
+            ProxyError::Connect(_)
+            | ProxyError::Upstream(_)
+            | ProxyError::ServerIo(_)
+            | ProxyError::BadResponse(_) => "bad gateway\n",
             ProxyError::ResponseTimeout(_) => "gateway timeout\n",
         }
     }

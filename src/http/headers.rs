@@ -253,12 +253,21 @@ impl RequestIds {
     }
 
     fn next(&self) -> HeaderValue {
+        shared_value(self.next_digits()).unwrap_or(HeaderValue::from_static("0"))
+    }
+
+    fn next_digits(&self) -> [u8; 32] {
         let count = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut digits = [0u8; 32];
         hex(self.prefix, &mut digits[..16]);
         hex(count, &mut digits[16..]);
-        shared_value(digits).unwrap_or(HeaderValue::from_static("0"))
+        digits
     }
+}
+
+/// A new request id, as [`ensure_request_id`] sets one: 32 hex digits.
+pub fn new_request_id() -> [u8; 32] {
+    RequestIds::global().next_digits()
 }
 
 /// A header value whose clones share `text`: one allocation, however often

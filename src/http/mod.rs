@@ -4,6 +4,7 @@
 pub mod body;
 pub mod conn;
 pub mod error;
+pub mod h1;
 pub mod hash_key;
 pub mod headers;
 pub mod proxy;

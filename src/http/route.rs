@@ -51,11 +51,11 @@ impl Router {
     }
 
     /// The backend for a request: the first matching route's, else the default.
-    pub fn route(&self, request: &Parts) -> &Arc<Backend> {
+    pub fn route(&self, request: &impl Routable) -> &Arc<Backend> {
         if self.routes.is_empty() {
             return &self.default;
         }
-        let host = request_host(request);
+        let host = request.host();
         self.routes
             .iter()
             .find(|route| route.matches(request, host))
@@ -69,23 +69,58 @@ impl Router {
 }
 
 impl Route {
-    fn matches(&self, request: &Parts, host: Option<&str>) -> bool {
+    fn matches(&self, request: &impl Routable, host: Option<&str>) -> bool {
         if let Some(want) = &self.host
             && !host.is_some_and(|host| host.eq_ignore_ascii_case(want))
         {
             return false;
         }
         if let Some(prefix) = &self.path_prefix
-            && !request.uri.path().starts_with(prefix.as_str())
+            && !request.path().starts_with(prefix.as_str())
         {
             return false;
         }
-        if !self.methods.is_empty() && !self.methods.contains(&request.method) {
+        if !self.methods.is_empty()
+            && !self
+                .methods
+                .iter()
+                .any(|method| method.as_str() == request.method())
+        {
             return false;
         }
         self.headers
             .iter()
-            .all(|(name, value)| request.headers.get(name) == Some(value))
+            .all(|(name, value)| request.header(name) == Some(value.as_bytes()))
+    }
+}
+
+/// What routing looks at in a request, whichever codec parsed it: hyper's
+/// (`Parts`) or flowgate's own HTTP/1.1 head (`h1`).
+pub trait Routable {
+    fn method(&self) -> &str;
+    /// The path of the request target (no query).
+    fn path(&self) -> &str;
+    /// The host the client asked for, without port (see [`request_host`]).
+    fn host(&self) -> Option<&str>;
+    /// The first value of header `name`.
+    fn header(&self, name: &HeaderName) -> Option<&[u8]>;
+}
+
+impl Routable for Parts {
+    fn method(&self) -> &str {
+        self.method.as_str()
+    }
+
+    fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    fn host(&self) -> Option<&str> {
+        request_host(self)
+    }
+
+    fn header(&self, name: &HeaderName) -> Option<&[u8]> {
+        self.headers.get(name).map(HeaderValue::as_bytes)
     }
 }
 
@@ -95,11 +130,17 @@ pub fn request_host(request: &Parts) -> Option<&str> {
     let host = match request.uri.host() {
         Some(host) => host,
         None => {
-            let header = request.headers.get(http::header::HOST)?.to_str().ok()?;
-            strip_port(header)
+            return Some(host_header_name(
+                request.headers.get(http::header::HOST)?.to_str().ok()?,
+            ));
         }
     };
     Some(host.trim_end_matches('.'))
+}
+
+/// The host a Host header names: without port and trailing dot.
+pub fn host_header_name(header: &str) -> &str {
+    strip_port(header).trim_end_matches('.')
 }
 
 fn strip_port(host: &str) -> &str {

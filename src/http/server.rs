@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use super::conn::{ClientIo, ClientTimeouts};
+use super::h1::{self, Served};
 use super::proxy::{ConnContext, handle};
 use crate::cancel::until_cancelled;
 use crate::config;
@@ -87,7 +88,10 @@ pub async fn serve(
     );
     // handle's future itself, not one wrapping it: that would hold it twice,
     // and hyper moves the service's future for every request.
-    let service = service_fn(move |request| handle(Arc::clone(&ctx), request));
+    let service = {
+        let ctx = Arc::clone(&ctx);
+        service_fn(move |request| handle(Arc::clone(&ctx), request))
+    };
     let http2 = http2 || {
         // Without TLS, the first bytes tell HTTP/1.1 from h2c's preface.
         let Some(first) = first_bytes(&mut io, &shutdown).await else {
@@ -111,9 +115,23 @@ pub async fn serve(
         }
         return;
     }
-    // HTTP/1.1: one hyper connection after another on the same socket, parked
-    // (no hyper state) in between.
+    // HTTP/1.1: flowgate's own codec while requests suit it, a hyper
+    // connection from the first one that does not; parked (no buffers, no
+    // hyper state) whenever idle.
     loop {
+        // Boxed, like hyper's connection below: allocated while the codec
+        // serves, not part of a parked connection's task.
+        match Box::pin(h1::serve(&mut io, &ctx, &shutdown)).await {
+            Served::Closed => return,
+            Served::Parked => {
+                if !wait_parked(&io, &shutdown).await {
+                    let _ = io.shutdown().await;
+                    return;
+                }
+                continue;
+            }
+            Served::Handover => {}
+        }
         // Boxed, so that a parked connection's task holds none of it.
         let mut connection = Box::new(
             builder

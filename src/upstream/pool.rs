@@ -104,6 +104,14 @@ pub struct Pool {
 struct ThreadConnections {
     idle: Vec<IdleConnection>,
     shared_h2: Option<http2::SendRequest<RequestBody>>,
+    /// Plain HTTP/1.1 connections of flowgate's own codec (`http::h1`).
+    streams: Vec<IdleStream>,
+}
+
+#[derive(Debug)]
+struct IdleStream {
+    stream: TcpStream,
+    since: Instant,
 }
 
 #[derive(Debug)]
@@ -202,8 +210,7 @@ impl Pool {
     async fn connect(&self) -> Result<ServerStream, ConnectError> {
         let timeout = self.settings.connect_timeout;
         let connect = async {
-            let stream = TcpStream::connect(self.addr).await?;
-            stream.set_nodelay(true)?;
+            let stream = self.open_tcp().await?;
             Ok::<_, io::Error>(match &self.settings.tls {
                 None => ServerStream::Plain(stream),
                 Some(tls) => ServerStream::Tls(Box::new(tls.connect(stream).await?)),
@@ -212,6 +219,49 @@ impl Pool {
         Ok(tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| ConnectError::Timeout(timeout))??)
+    }
+
+    async fn open_tcp(&self) -> io::Result<TcpStream> {
+        let stream = TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// A plain TCP connection for flowgate's own HTTP/1.1 codec, and whether it
+    /// was pooled: the latest one idle on this thread that is still open, or,
+    /// without one (or with `fresh`), a new one. Only for servers spoken to
+    /// without TLS.
+    pub async fn checkout_stream(&self, fresh: bool) -> Result<(TcpStream, bool), ConnectError> {
+        if !fresh && let Some(stream) = self.pop_stream() {
+            return Ok((stream, true));
+        }
+        let timeout = self.settings.connect_timeout;
+        let stream = tokio::time::timeout(timeout, self.open_tcp())
+            .await
+            .map_err(|_| ConnectError::Timeout(timeout))??;
+        Ok((stream, false))
+    }
+
+    fn pop_stream(&self) -> Option<TcpStream> {
+        let mut here = self.here();
+        while let Some(idle) = here.streams.pop() {
+            if idle.since.elapsed() < self.settings.idle_timeout && still_open(&idle.stream) {
+                return Some(idle.stream);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose last response was read to its end for the next
+    /// request on this thread.
+    pub fn checkin_stream(&self, stream: TcpStream) {
+        let mut here = self.here();
+        if here.streams.len() < MAX_IDLE_PER_SERVER {
+            here.streams.push(IdleStream {
+                stream,
+                since: Instant::now(),
+            });
+        }
     }
 
     fn pop_idle(&self) -> Option<IdleConnection> {
@@ -248,6 +298,9 @@ impl Pool {
             thread.idle.retain(|connection| {
                 connection.since.elapsed() < timeout && !connection.sender.is_closed()
             });
+            thread
+                .streams
+                .retain(|idle| idle.since.elapsed() < timeout && still_open(&idle.stream));
             if thread
                 .shared_h2
                 .as_ref()
@@ -264,6 +317,7 @@ impl Pool {
             let mut thread = lock(thread);
             thread.idle.clear();
             thread.shared_h2 = None;
+            thread.streams.clear();
         }
     }
 
@@ -271,9 +325,19 @@ impl Pool {
     pub fn idle_count(&self) -> usize {
         self.threads
             .iter()
-            .map(|thread| lock(thread).idle.len())
+            .map(|thread| {
+                let thread = lock(thread);
+                thread.idle.len() + thread.streams.len()
+            })
             .sum()
     }
+}
+
+/// Whether an idle connection is still open and has nothing unread: the
+/// server neither closed it nor sent anything unasked. A system call only when
+/// the I/O driver saw the socket become readable since its last read.
+fn still_open(stream: &TcpStream) -> bool {
+    matches!(stream.try_read(&mut [0; 1]), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// The pool's lists stay consistent under any panic (each critical section is a
