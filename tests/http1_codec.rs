@@ -26,8 +26,8 @@ enum After {
 }
 
 /// An origin that answers the n-th request it reads (from 0, over all its
-/// connections) with `script(n, head)`, and records each request's head as it
-/// arrived and the connection it came on.
+/// connections) with `script(n, head)`, and records each request (its head as
+/// it arrived, and its body by content-length) and the connection it came on.
 struct ScriptedOrigin {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<(usize, String)>>>,
@@ -76,10 +76,30 @@ impl ScriptedOrigin {
                                     Ok(n) => data.extend_from_slice(&chunk[..n]),
                                 }
                             }
+                            // A chunked body, up to its last chunk (no trailers here).
+                            let length = if head
+                                .to_ascii_lowercase()
+                                .contains("transfer-encoding: chunked")
+                            {
+                                loop {
+                                    if let Some(end) =
+                                        data.windows(5).position(|w| w == b"0\r\n\r\n")
+                                    {
+                                        break end + 5;
+                                    }
+                                    match stream.read(&mut chunk).await {
+                                        Ok(0) | Err(_) => break 'serve,
+                                        Ok(n) => data.extend_from_slice(&chunk[..n]),
+                                    }
+                                }
+                            } else {
+                                length
+                            };
+                            let body = String::from_utf8_lossy(&data[..length]).into_owned();
                             data.drain(..length);
                             let number = {
                                 let mut seen = seen.lock().expect("lock");
-                                seen.push((connection, head.clone()));
+                                seen.push((connection, format!("{head}{body}")));
                                 seen.len() - 1
                             };
                             let (pieces, after) = script(number, &head);
@@ -504,7 +524,7 @@ async fn pipelined_requests_are_answered_in_order() {
 }
 
 #[tokio::test]
-async fn requests_the_codec_does_not_take_are_served_by_hyper_on_the_same_connection() {
+async fn small_bodies_are_forwarded_whole_and_others_go_to_hyper_on_the_same_connection() {
     let origin = ScriptedOrigin::start(|_, _| {
         (
             answer("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
@@ -517,19 +537,27 @@ async fn requests_the_codec_does_not_take_are_served_by_hyper_on_the_same_connec
 
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let mut pending = Vec::new();
-    for request in [
-        &b"GET /a HTTP/1.1\r\nHost: x\r\nX-Case: Kept\r\n\r\n"[..],
-        // A body: hyper's path.
-        b"POST /start HTTP/1.1\r\nHost: x\r\nX-Case: Kept\r\nContent-Length: 5\r\n\r\ninput",
-        b"GET /b HTTP/1.1\r\nHost: x\r\nX-Case: Kept\r\n\r\n",
-    ] {
+    let large = "x".repeat(10_000);
+    let requests: [(&[u8], &[u8]); 4] = [
+        // A body in the head's write, and one written a moment after it.
+        (b"POST /signal HTTP/1.1\r\nHost: x\r\nX-Case: Kept\r\nContent-Length: 13\r\n\r\n{\"go\": true}\n", b""),
+        (b"POST /query HTTP/1.1\r\nHost: x\r\nX-Case: Kept\r\nContent-Length: 4\r\n\r\n", b"late"),
+        // Chunked: hyper's path.
+        (b"POST /start HTTP/1.1\r\nHost: x\r\nX-Case: Kept\r\nTransfer-Encoding: chunked\r\n\r\n5\r\ninput\r\n0\r\n\r\n", b""),
+        (b"GET /b HTTP/1.1\r\nHost: x\r\nX-Case: Kept\r\n\r\n", b""),
+    ];
+    for (request, later) in requests {
         stream.write_all(request).await.expect("write");
+        if !later.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stream.write_all(later).await.expect("write");
+        }
         let (head, body) = read_one(&mut stream, &mut pending).await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         assert_eq!(body, "ok");
     }
     let heads = origin.heads();
-    assert_eq!(heads.len(), 3);
+    assert_eq!(heads.len(), 4);
     // The codec writes field names as they came; hyper in lower case.
     assert!(
         heads[0].1.contains("\r\nX-Case: Kept\r\n"),
@@ -537,19 +565,43 @@ async fn requests_the_codec_does_not_take_are_served_by_hyper_on_the_same_connec
         heads[0].1
     );
     assert!(
-        heads[1].1.starts_with("POST /start HTTP/1.1\r\n"),
+        heads[0].1.ends_with("\r\n\r\n{\"go\": true}\n"),
+        "{}",
+        heads[0].1
+    );
+    assert!(
+        heads[1].1.contains("\r\nX-Case: Kept\r\n"),
         "{}",
         heads[1].1
     );
+    assert!(heads[1].1.ends_with("\r\n\r\nlate"), "{}", heads[1].1);
     assert!(
-        heads[1].1.contains("\r\nx-case: Kept\r\n"),
+        heads[2].1.starts_with("POST /start HTTP/1.1\r\n"),
         "{}",
-        heads[1].1
+        heads[2].1
     );
     assert!(
         heads[2].1.contains("\r\nx-case: Kept\r\n"),
-        "hyper serves on: {}",
+        "{}",
         heads[2].1
     );
+    assert!(
+        heads[3].1.contains("\r\nx-case: Kept\r\n"),
+        "hyper serves on: {}",
+        heads[3].1
+    );
+
+    // A body larger than the codec takes, on a new connection: hyper streams it.
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "PUT /blob HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{large}",
+        large.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let (head, body) = read_one(&mut stream, &mut Vec::new()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "ok");
+    let heads = origin.heads();
+    assert!(heads[4].1.ends_with(&large), "the whole body arrived");
     proxy.shutdown(Duration::from_secs(1)).await;
 }

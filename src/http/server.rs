@@ -1,13 +1,17 @@
-//! Serving one client connection with hyper: HTTP/1.1 with keep-alive and h2c
-//! (prior knowledge), told apart by the connection preface; h2 when TLS
-//! negotiated it.
+//! Serving one client connection: HTTP/1.1 with keep-alive and h2c (prior
+//! knowledge), told apart by the connection preface; h2 when TLS negotiated it.
+//!
+//! HTTP/1.1 requests go to flowgate's own codec ([`h1`]) while they suit it,
+//! and from the first one that does not, to a hyper connection (with the bytes
+//! read so far replayed); h2 and h2c always to hyper.
 //!
 //! An HTTP/1.1 connection idle for [`PARK_AFTER`](super::conn::PARK_AFTER)
-//! parks: hyper keeps an 8 KiB read and an 8 KiB write buffer for as long as
-//! its connection lives, so [`ClientIo`] ends hyper's connection as if the
-//! client had closed, without closing the socket; the task then waits for the
-//! socket to become readable, with no buffer, and the next request starts a
-//! fresh hyper connection. Idle keep-alive connections cost a few KiB each.
+//! parks: [`ClientIo`] ends the codec's loop, or hyper's connection, as if the
+//! client had closed, without closing the socket, so their buffers (hyper
+//! keeps an 8 KiB read and an 8 KiB write buffer for as long as its
+//! connection lives) are freed; the task then waits for the socket to become
+//! readable, with no buffer, and the next request starts afresh. Idle
+//! keep-alive connections cost a few KiB each.
 
 use std::io;
 use std::mem::MaybeUninit;

@@ -21,6 +21,8 @@ pub struct RequestHead<'a> {
     pub headers: &'a [httparse::Header<'a>],
     /// The Host header's value.
     pub host: &'a [u8],
+    /// Bytes of body after the head (its `Content-Length`).
+    pub body: usize,
     /// The client asked to close the connection after this request.
     pub close: bool,
 }
@@ -37,8 +39,8 @@ pub enum Parsed<'a> {
 }
 
 /// Parses a request head. Only the plain case is taken: HTTP/1.1, an
-/// origin-form target, one Host, no body (no `Content-Length` but 0, no
-/// `Transfer-Encoding`), no `Upgrade`, `Expect` or `TE`, a `Connection` that
+/// origin-form target, one Host, at most one `Content-Length` and no
+/// `Transfer-Encoding`, no `Upgrade`, `Expect` or `TE`, a `Connection` that
 /// says only close or keep-alive, and not gRPC. Everything else is
 /// [`Parsed::Other`].
 pub fn parse_request<'a>(
@@ -61,6 +63,7 @@ pub fn parse_request<'a>(
     let headers: &'a [httparse::Header<'a>] = request.headers;
     let mut host = None;
     let mut close = false;
+    let mut body = None;
     for header in headers {
         let name = header.name;
         let value = header.value;
@@ -77,7 +80,10 @@ pub fn parse_request<'a>(
                 }
             }
         } else if name.eq_ignore_ascii_case("content-length") {
-            if value != b"0" {
+            let Some(length) = decimal(value) else {
+                return Parsed::Other;
+            };
+            if body.replace(length).is_some() {
                 return Parsed::Other;
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding")
@@ -98,8 +104,17 @@ pub fn parse_request<'a>(
         target,
         headers,
         host,
+        body: body.unwrap_or(0),
         close,
     })
+}
+
+/// A `Content-Length` value: digits only.
+fn decimal(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// The comma-separated tokens of a `Connection` value.
@@ -122,8 +137,8 @@ impl RequestHead<'_> {
         self.method.len() + 1 + self.target.len() + 1 + "HTTP/1.1\r\n".len() + fields + 2
     }
 
-    /// GET, HEAD, OPTIONS, TRACE, PUT and DELETE (RFC 9110 9.2.2): bodiless
-    /// here, so sending one again after a failure has no further effect.
+    /// GET, HEAD, OPTIONS, TRACE, PUT and DELETE (RFC 9110 9.2.2): sending
+    /// one again after a failure has no further effect.
     pub fn idempotent(&self) -> bool {
         matches!(
             self.method,
@@ -410,19 +425,26 @@ mod tests {
         match parse_request(wire, &mut headers) {
             Parsed::Partial => "partial".into(),
             Parsed::Other => "other".into(),
-            Parsed::Head(head) => format!("{} {} close={}", head.method, head.target, head.close),
+            Parsed::Head(head) => format!(
+                "{} {} close={} body={}",
+                head.method, head.target, head.close, head.body
+            ),
         }
     }
 
     #[test]
-    fn takes_plain_bodiless_http11_requests() {
+    fn takes_plain_http11_requests() {
         assert_eq!(
             parsed(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\n"),
-            "GET /a?b=1 close=false"
+            "GET /a?b=1 close=false body=0"
+        );
+        assert_eq!(
+            parsed(b"POST /signal HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n{\"signal\""),
+            "POST /signal close=false body=17"
         );
         assert_eq!(
             parsed(b"DELETE /w/7 HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nConnection: Keep-Alive, close\r\n\r\n"),
-            "DELETE /w/7 close=true"
+            "DELETE /w/7 close=true body=0"
         );
         assert_eq!(parsed(b"GET / HTTP/1.1\r\nHost: x\r\n"), "partial");
     }
@@ -436,7 +458,8 @@ mod tests {
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             b"GET / HTTP/1.1\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +4\r\n\r\nbody",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nbody",
             b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",

@@ -1,5 +1,6 @@
-//! flowgate's own HTTP/1.1 forwarding, for the common request: a bodiless
-//! HTTP/1.1 request to a backend spoken to in plain HTTP/1.1.
+//! flowgate's own HTTP/1.1 forwarding, for the common request: an HTTP/1.1
+//! request without a body, or with one that arrives whole with its head
+//! within 8 KiB, to a backend spoken to in plain HTTP/1.1.
 //!
 //! hyper parses every head into a header map and writes it out again, on both
 //! sides of the proxy, and runs each server connection in a task of its own.
@@ -12,7 +13,7 @@
 //! (`Pool::checkout_stream`), read and written by the client connection's
 //! own task.
 //!
-//! Anything else (a request with a body, an upgrade, `Expect`, gRPC, an
+//! Anything else (a larger or chunked body, an upgrade, `Expect`, gRPC, an
 //! absolute-form target, HTTP/1.0, a head hyper would reject, a backend
 //! spoken to over h2 or TLS, a hash key to read) is handed to hyper before a
 //! byte of it is sent: the bytes read so far are replayed to hyper's
@@ -139,7 +140,7 @@ where
         if let Some(log) = plan.log.take() {
             write_log(ctx, &plan, &buffers, log, trace, status, ttfb, relayed);
         }
-        buffers.consume(plan.head_len);
+        buffers.consume(plan.len);
         if relayed.is_none() || closing {
             let _ = io.shutdown().await;
             return Served::Closed;
@@ -152,7 +153,7 @@ where
 struct Buffers {
     /// What the client sent: the current request head, and anything after it.
     client: Vec<u8>,
-    /// The head for the server.
+    /// The request for the server: its head, and its body if any.
     request: Vec<u8>,
     /// What the server sent.
     server: Vec<u8>,
@@ -183,14 +184,16 @@ impl Buffers {
     }
 }
 
-/// A request to forward, its head written for the server.
+/// A request to forward, written for the server.
 struct Plan {
-    head_len: usize,
+    /// Bytes of the request (head and body) in the client buffer.
+    len: usize,
     method: Range<usize>,
     target: Range<usize>,
     backend: Arc<Backend>,
     close: bool,
-    /// Idempotent: may be sent again after the server failed on it.
+    /// Idempotent: may be sent again (it is whole in `Buffers::request`)
+    /// after the server failed on it.
     replayable: bool,
     head_request: bool,
     log: Option<LogStart>,
@@ -221,6 +224,16 @@ fn prepare(ctx: &ConnContext, buf: &[u8], out: &mut Vec<u8>) -> Prepared {
         Parsed::Head(_) if ctx.refused => return Prepared::Other,
         Parsed::Head(head) => head,
     };
+    // A body is forwarded when it arrives whole with its head, within the
+    // client buffer (so the head timer also covers it); a larger one goes to
+    // hyper, which streams it.
+    let len = head.len + head.body;
+    if len > CLIENT_BUFFER {
+        return Prepared::Other;
+    }
+    if buf.len() < len {
+        return Prepared::Partial;
+    }
     let runtime = ctx.runtime.load();
     let Some(frontend) = runtime.frontend(&ctx.listener.settings.load().frontend) else {
         return Prepared::Other;
@@ -241,6 +254,7 @@ fn prepare(ctx: &ConnContext, buf: &[u8], out: &mut Vec<u8>) -> Prepared {
         ctx.https,
         new_id.as_ref().map(|id| &id[..]),
     );
+    out.extend_from_slice(&buf[head.len..len]);
     let log = ctx.access_log.is_some().then(|| LogStart {
         started: Instant::now(),
         request_id: head
@@ -249,7 +263,7 @@ fn prepare(ctx: &ConnContext, buf: &[u8], out: &mut Vec<u8>) -> Prepared {
             .and_then(|id| HeaderValue::from_bytes(id).ok()),
     });
     Prepared::Forward(Plan {
-        head_len: head.len,
+        len,
         method: within(buf, head.method.as_bytes()),
         target: within(buf, head.target.as_bytes()),
         backend: Arc::clone(backend),
