@@ -605,3 +605,54 @@ async fn small_bodies_are_forwarded_whole_and_others_go_to_hyper_on_the_same_con
     assert!(heads[4].1.ends_with(&large), "the whole body arrived");
     proxy.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn a_large_body_arrives_intact_by_length_and_chunked() {
+    // 1 MiB of a pattern, in pieces of odd sizes, by length and chunked.
+    let body: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let expected = body.clone();
+    let origin = ScriptedOrigin::start(move |n, _| {
+        let mut pieces = Vec::new();
+        if n % 2 == 0 {
+            pieces.push(
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes(),
+            );
+            pieces.extend(body.chunks(70_001).map(<[u8]>::to_vec));
+        } else {
+            pieces.push(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec());
+            for chunk in body.chunks(33_333) {
+                let mut piece = format!("{:x}\r\n", chunk.len()).into_bytes();
+                piece.extend_from_slice(chunk);
+                piece.extend_from_slice(b"\r\n");
+                pieces.push(piece);
+            }
+            pieces.push(b"0\r\n\r\n".to_vec());
+        }
+        (pieces, After::KeepOpen)
+    })
+    .await;
+    let proxy = proxy_for(&origin, "").await;
+    let addr = proxy.local_addr("web").expect("bound");
+
+    let client = client();
+    for _ in 0..4 {
+        let response = client
+            .get(format!("http://{addr}/history.json").parse().expect("uri"))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), 200);
+        let got = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert!(got == expected, "1 MiB intact (got {} bytes)", got.len());
+    }
+    assert_eq!(
+        origin.connections(),
+        1,
+        "the server connection is reused after each"
+    );
+    proxy.shutdown(Duration::from_secs(1)).await;
+}

@@ -59,6 +59,9 @@ const SERVER_BUFFER: usize = 8192;
 /// The longest response head taken from a server (502 beyond).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
+/// The most read from a server at once while passing a body on.
+const MAX_BODY_READ: usize = 64 * 1024;
+
 /// How serving a connection on this path ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Served {
@@ -494,7 +497,14 @@ where
     body.copy(&first[..taken], reply);
     write(io, reply).await?;
     while !done {
+        // A read that fills the buffer doubles it, up to MAX_BODY_READ: a
+        // large body then takes fewer reads (and the server fewer window
+        // updates).
+        let full = buf.len() == buf.capacity();
         buf.clear();
+        if full && buf.capacity() < MAX_BODY_READ {
+            buf.reserve(buf.capacity() * 2);
+        }
         let count = stream.read_buf(buf).await.ok()?;
         if count == 0 {
             // Only a body delimited by the close ends here whole.
