@@ -656,3 +656,219 @@ async fn a_large_body_arrives_intact_by_length_and_chunked() {
     );
     proxy.shutdown(Duration::from_secs(1)).await;
 }
+
+// h2 clients: their requests are parsed by hyper, and those without a body
+// go to HTTP/1.1 servers through the codec's server side (src/http/h1/to_server.rs).
+
+/// The h2 client's answer: status, headers, body and trailers.
+async fn h2_fetch(
+    client: &common::HttpClient,
+    request: http::Request<common::Body>,
+) -> (u16, http::HeaderMap, Vec<u8>, Option<http::HeaderMap>) {
+    let response = tokio::time::timeout(LIMIT, client.request(request))
+        .await
+        .expect("an answer in time")
+        .expect("response");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let (parts, body) = response.into_parts();
+    let collected = tokio::time::timeout(LIMIT, body.collect())
+        .await
+        .expect("the body in time")
+        .expect("body");
+    let trailers = collected.trailers().cloned();
+    (
+        parts.status.as_u16(),
+        parts.headers,
+        collected.to_bytes().to_vec(),
+        trailers,
+    )
+}
+
+fn h2_get(addr: SocketAddr, path: &str) -> http::Request<common::Body> {
+    http::Request::get(format!("http://{addr}{path}"))
+        .body(common::empty())
+        .expect("request")
+}
+
+#[tokio::test]
+async fn h2_requests_reach_an_http11_server_and_every_answer_comes_back_whole() {
+    let origin = ScriptedOrigin::start(|_, head| {
+        let target = head.split(' ').nth(1).unwrap_or("");
+        let path = target.split('?').next().unwrap_or("");
+        let pieces: Vec<&[u8]> = match path {
+            _ if head.starts_with("HEAD") => vec![b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"],
+            "/fixed" => vec![
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Engine: temporal\r\n\
+Connection: keep-alive, x-hop\r\nX-Hop: 1\r\n\r\nhel",
+                b"lo",
+            ],
+            "/chunked" => vec![
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n5\r\nhel",
+                b"lo\r\n6\r\n world\r\n0\r\nx-check",
+                b"sum: 42\r\n\r\n",
+            ],
+            "/deleted" => vec![b"HTTP/1.1 204 No Content\r\n\r\n"],
+            "/interim" => vec![b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"],
+            _ => vec![b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the close"],
+        };
+        let after = if path == "/export" {
+            After::Close
+        } else {
+            After::KeepOpen
+        };
+        (pieces.into_iter().map(<[u8]>::to_vec).collect(), after)
+    })
+    .await;
+    let proxy = proxy_for(&origin, "").await;
+    let addr = proxy.local_addr("web").expect("bound");
+    let client = common::h2c_client();
+
+    let request = http::Request::get(format!("http://{addr}/fixed?page=2"))
+        .header("cookie", "a=1")
+        .header("x-tenant", "acme")
+        .header("cookie", "b=2")
+        .body(common::empty())
+        .expect("request");
+    let (status, headers, body, _) = h2_fetch(&client, request).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, b"hello");
+    assert_eq!(headers.get("x-engine").expect("x-engine"), "temporal");
+    assert!(headers.get("x-hop").is_none() && headers.get("connection").is_none());
+
+    let (status, _, body, trailers) = h2_fetch(&client, h2_get(addr, "/chunked")).await;
+    assert_eq!((status, &body[..]), (200, &b"hello world"[..]));
+    let trailers = trailers.expect("the server's trailers");
+    assert_eq!(trailers.get("x-checksum").expect("x-checksum"), "42");
+
+    let head = http::Request::head(format!("http://{addr}/workflows"))
+        .body(common::empty())
+        .expect("request");
+    let (status, headers, body, _) = h2_fetch(&client, head).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("content-length").expect("length"), "1234");
+    assert!(body.is_empty());
+    let (status, _, body, _) = h2_fetch(&client, h2_get(addr, "/deleted")).await;
+    assert_eq!((status, body.len()), (204, 0));
+    let (status, _, body, _) = h2_fetch(&client, h2_get(addr, "/interim")).await;
+    assert_eq!((status, &body[..]), (200, &b"final"[..]));
+    assert_eq!(
+        origin.connections(),
+        1,
+        "one server connection for every answer with a length or chunks"
+    );
+    let (status, _, body, _) = h2_fetch(&client, h2_get(addr, "/export")).await;
+    assert_eq!((status, &body[..]), (200, &b"until the close"[..]));
+    let (status, _, body, _) = h2_fetch(&client, h2_get(addr, "/fixed")).await;
+    assert_eq!((status, &body[..]), (200, &b"hello"[..]));
+    assert_eq!(
+        origin.connections(),
+        2,
+        "the connection the server closed is not reused"
+    );
+
+    let heads = origin.heads();
+    let (_, first) = &heads[0];
+    let lines: Vec<&str> = first.lines().collect();
+    assert_eq!(lines[0], "GET /fixed?page=2 HTTP/1.1");
+    for line in [
+        format!("host: {addr}").as_str(),
+        "cookie: a=1; b=2",
+        "x-tenant: acme",
+        "x-forwarded-for: 127.0.0.1",
+        "x-forwarded-proto: http",
+        format!("x-forwarded-host: {addr}").as_str(),
+    ] {
+        assert!(lines.contains(&line), "{line:?} in {first}");
+    }
+    assert!(
+        lines.iter().any(|line| line.starts_with("x-request-id: ")),
+        "{first}"
+    );
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn h2_clients_get_502_for_bad_answers_and_never_notice_a_closed_pooled_connection() {
+    let origin = ScriptedOrigin::start(|n, _| match n {
+        0 => (
+            answer("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"),
+            After::KeepOpen,
+        ),
+        1 => (
+            // The body breaks off: the client's stream is reset.
+            answer("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort"),
+            After::Close,
+        ),
+        // Every other answer ends its connection without saying so.
+        _ => (
+            answer("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+            After::Close,
+        ),
+    })
+    .await;
+    let proxy = proxy_for(&origin, "retries = 0").await;
+    let addr = proxy.local_addr("web").expect("bound");
+    let client = common::h2c_client();
+
+    let (status, _, body, _) = h2_fetch(&client, h2_get(addr, "/")).await;
+    assert_eq!((status, &body[..]), (502, &b"bad gateway\n"[..]));
+
+    // The stream is reset: before the head reaches the client, or after it.
+    let answer = tokio::time::timeout(LIMIT, client.request(h2_get(addr, "/")))
+        .await
+        .expect("an answer in time");
+    if let Ok(response) = answer {
+        assert_eq!(response.status(), 200);
+        let broken = tokio::time::timeout(LIMIT, response.into_body().collect())
+            .await
+            .expect("the body ends in time");
+        assert!(
+            broken.is_err(),
+            "a body cut short is not passed off as whole"
+        );
+    }
+
+    for _ in 0..3 {
+        let (status, _, body, _) = h2_fetch(&client, h2_get(addr, "/")).await;
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+    }
+    assert_eq!(origin.connections(), 5);
+    proxy.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn h2_large_bodies_arrive_intact_by_length_and_chunked() {
+    let body: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let expected = body.clone();
+    let origin = ScriptedOrigin::start(move |n, _| {
+        let mut pieces = Vec::new();
+        if n % 2 == 0 {
+            pieces.push(
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes(),
+            );
+            pieces.extend(body.chunks(70_001).map(<[u8]>::to_vec));
+        } else {
+            pieces.push(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec());
+            for chunk in body.chunks(33_333) {
+                let mut piece = format!("{:x}\r\n", chunk.len()).into_bytes();
+                piece.extend_from_slice(chunk);
+                piece.extend_from_slice(b"\r\n");
+                pieces.push(piece);
+            }
+            pieces.push(b"0\r\n\r\n".to_vec());
+        }
+        (pieces, After::KeepOpen)
+    })
+    .await;
+    let proxy = proxy_for(&origin, "").await;
+    let addr = proxy.local_addr("web").expect("bound");
+    let client = common::h2c_client();
+    for _ in 0..4 {
+        let (status, _, got, trailers) = h2_fetch(&client, h2_get(addr, "/history.json")).await;
+        assert_eq!(status, 200);
+        assert!(got == expected, "1 MiB intact (got {} bytes)", got.len());
+        assert!(trailers.is_none());
+    }
+    assert_eq!(origin.connections(), 1, "the server connection is reused");
+    proxy.shutdown(Duration::from_secs(1)).await;
+}

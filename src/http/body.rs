@@ -16,6 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::conn::ActiveRequest;
+use super::h1::{ChunkError, ServerBody};
 use crate::access_log::{AccessLog, Entry, HttpEntry};
 use crate::upstream::{Connection, InFlightGuard};
 
@@ -53,6 +54,19 @@ impl Body for RequestBody {
             RequestBody::Streaming(body) => body.size_hint(),
         }
     }
+}
+
+/// Why a response body broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error("server connection: {0}")]
+    Server(std::io::Error),
+    #[error("the server closed the connection before the body's end")]
+    Closed,
+    #[error(transparent)]
+    Chunked(#[from] ChunkError),
 }
 
 /// What an upstream response holds until its body has ended.
@@ -101,6 +115,8 @@ enum Kind {
         body: Incoming,
         completion: Option<Completion>,
     },
+    /// Read by flowgate's own HTTP/1.1 codec from the server's socket.
+    Server(ServerBody),
     Local(Option<Bytes>),
 }
 
@@ -111,6 +127,14 @@ impl ResponseBody {
                 body,
                 completion: Some(completion),
             },
+            request: None,
+            log: None,
+        }
+    }
+
+    pub fn server(body: ServerBody) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Server(body),
             request: None,
             log: None,
         }
@@ -143,10 +167,14 @@ impl ResponseBody {
     }
 
     fn complete(&mut self) {
-        if let Kind::Upstream { completion, .. } = &mut self.kind
-            && let Some(completion) = completion.take()
-        {
-            completion.finish();
+        match &mut self.kind {
+            Kind::Upstream { completion, .. } => {
+                if let Some(completion) = completion.take() {
+                    completion.finish();
+                }
+            }
+            Kind::Server(body) => body.finish(),
+            Kind::Local(_) => {}
         }
         self.request = None;
         if let Some(pending) = self.log.take() {
@@ -157,15 +185,16 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = match &mut this.kind {
-            Kind::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            Kind::Upstream { body, .. } => Pin::new(body).poll_frame(cx).map_err(BodyError::Hyper),
+            Kind::Server(body) => body.poll_frame(cx),
             Kind::Local(text) => Poll::Ready(text.take().map(|text| Ok(Frame::data(text)))),
         };
         if let (Some(pending), Poll::Ready(Some(Ok(frame)))) = (&mut this.log, &polled)
@@ -192,6 +221,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Upstream { body, .. } => body.is_end_stream(),
+            Kind::Server(body) => body.is_end_stream(),
             Kind::Local(text) => text.is_none(),
         }
     }
@@ -199,6 +229,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Upstream { body, .. } => body.size_hint(),
+            Kind::Server(body) => body.size_hint(),
             Kind::Local(text) => SizeHint::with_exact(text.as_ref().map_or(0, |t| t.len() as u64)),
         }
     }

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use super::body::{Completion, PendingLog, RequestBody, ResponseBody};
 use super::conn::ConnActivity;
 use super::error::ProxyError;
+use super::h1::{self, Attempts};
 use super::hash_key::RequestKey;
 use super::headers::{
     closes_connection, ensure_request_id, is_upgrade_request, set_forwarded, strip_hop_by_hop,
@@ -121,7 +122,7 @@ pub fn handle(
                         client: ctx.client,
                         frontend: ctx.listener.frontend(),
                         backend: trace.backend,
-                        server: trace.server,
+                        server: trace.attempts.server,
                         method,
                         uri,
                         status,
@@ -129,7 +130,7 @@ pub fn handle(
                         ttfb: started.elapsed(),
                         total: Duration::ZERO,
                         request_id: trace.request_id,
-                        retries: trace.retries,
+                        retries: trace.attempts.retries,
                     }),
                     started,
                 }),
@@ -142,9 +143,7 @@ pub fn handle(
 #[derive(Debug, Default)]
 struct Trace {
     backend: Option<Arc<str>>,
-    /// The server of the last attempt.
-    server: Option<Arc<str>>,
-    retries: u32,
+    attempts: Attempts,
     request_id: Option<HeaderValue>,
 }
 
@@ -229,6 +228,15 @@ fn forward(
             Request::from_parts(parts, body)
         };
         let key = key.as_ref().map(RequestKey::as_bytes);
+        if h1::takes_parsed(&backend, &request, tunnel) {
+            let pick = PickContext {
+                client: ctx.client.ip(),
+                key,
+            };
+            let (parts, _) = request.into_parts();
+            let send = h1::send_parsed(&backend, pick, &parts, &mut trace.attempts);
+            return std::pin::pin!(send).await;
+        }
         let (mut response, guard, connection) =
             std::pin::pin!(send(ctx, &backend, key, request, trace)).await?;
 
@@ -370,8 +378,8 @@ fn send(
         loop {
             let guard = std::pin::pin!(backend.acquire_retry(&pick, failed.as_ref())).await?;
             let server = Arc::clone(guard.server());
-            trace.server = Some(Arc::clone(&server.name));
-            trace.retries = backend.config.retries - retries_left;
+            trace.attempts.server = Some(Arc::clone(&server.name));
+            trace.attempts.retries = backend.config.retries - retries_left;
             let retry = |retries_left: &mut u32| {
                 if *retries_left == 0 {
                     return false;

@@ -1,5 +1,6 @@
 //! How a response body is delimited on the wire (RFC 9112 6.3), and the
-//! scanner that finds the end of a chunked body passed through unchanged.
+//! scanner that finds the end of a chunked body: passed through unchanged to
+//! an HTTP/1.1 client, or split into its data for hyper (h2 clients).
 
 /// How the body after a response head ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,14 +56,63 @@ enum State {
 /// Longest chunk size accepted, in hex digits (16: any u64).
 const MAX_SIZE_DIGITS: u8 = 16;
 
+/// What the next bytes of a chunked body begin with (see [`ChunkedScanner::step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// `n` bytes of chunk data.
+    Data(usize),
+    /// `n` bytes of framing (sizes, extensions, line ends) to skip; 0 when
+    /// more bytes are needed.
+    Framing(usize),
+    /// `n` bytes of the trailer section (after the last chunk: trailer fields,
+    /// then a blank line), which goes on.
+    Trailer(usize),
+    /// The body ends after `n` more bytes of the trailer section.
+    End(usize),
+}
+
 impl ChunkedScanner {
     /// Scans the next bytes of the body. `Some(n)`: the body ends after the
     /// first `n` bytes of `bytes`.
     pub fn scan(&mut self, bytes: &[u8]) -> Result<Option<usize>, ChunkError> {
+        let (at, end) = self.advance(bytes, false)?;
+        Ok(end.then_some(at))
+    }
+
+    /// Splits the next bytes of the body into its data, its framing and its
+    /// trailer section, one piece at a time.
+    pub fn step(&mut self, bytes: &[u8]) -> Result<Step, ChunkError> {
+        if self.state == State::Data {
+            let take = bytes
+                .len()
+                .min(usize::try_from(self.count).unwrap_or(usize::MAX));
+            self.count -= take as u64;
+            if self.count == 0 {
+                self.state = State::DataCr;
+            }
+            return Ok(Step::Data(take));
+        }
+        let trailer = matches!(
+            self.state,
+            State::TrailerStart | State::TrailerLine | State::EndLf | State::Done
+        );
+        let (at, end) = self.advance(bytes, true)?;
+        Ok(match (end, trailer) {
+            (true, _) => Step::End(at),
+            (false, true) => Step::Trailer(at),
+            (false, false) => Step::Framing(at),
+        })
+    }
+
+    /// Scans up to the end of the body, or (`split`) to the start of a
+    /// chunk's data or of the trailer section: how many bytes, and whether the
+    /// body ended.
+    fn advance(&mut self, bytes: &[u8], split: bool) -> Result<(usize, bool), ChunkError> {
         let mut at = 0;
         while at < bytes.len() {
             let byte = bytes[at];
             match self.state {
+                State::Data if split => return Ok((at, false)),
                 State::Size => match hex_value(byte) {
                     Some(digit) if self.digits < MAX_SIZE_DIGITS => {
                         self.digits += 1;
@@ -83,11 +133,14 @@ impl ChunkedScanner {
                     if byte != b'\n' {
                         return Err(ChunkError);
                     }
-                    self.state = if self.count == 0 {
-                        State::TrailerStart
+                    if self.count > 0 {
+                        self.state = State::Data;
                     } else {
-                        State::Data
-                    };
+                        self.state = State::TrailerStart;
+                        if split {
+                            return Ok((at + 1, false));
+                        }
+                    }
                 }
                 State::Data => {
                     let take =
@@ -130,13 +183,13 @@ impl ChunkedScanner {
                         return Err(ChunkError);
                     }
                     self.state = State::Done;
-                    return Ok(Some(at + 1));
+                    return Ok((at + 1, true));
                 }
-                State::Done => return Ok(Some(at)),
+                State::Done => return Ok((at, true)),
             }
             at += 1;
         }
-        Ok((self.state == State::Done).then_some(at))
+        Ok((at, self.state == State::Done))
     }
 }
 
@@ -184,6 +237,54 @@ mod tests {
                 "byte {i}"
             );
         }
+    }
+
+    /// The data and the trailer section of `wire` as `step` splits them, fed
+    /// in pieces of `piece` bytes, and where the body ended.
+    fn split(wire: &[u8], piece: usize) -> Result<(String, String, usize), ChunkError> {
+        let mut scanner = ChunkedScanner::default();
+        let (mut data, mut trailer) = (Vec::new(), Vec::new());
+        let (mut at, mut fed) = (0, piece.min(wire.len()));
+        loop {
+            let step = scanner.step(&wire[at..fed])?;
+            let (Step::Data(n) | Step::Framing(n) | Step::Trailer(n) | Step::End(n)) = step;
+            match step {
+                Step::Data(_) => data.extend_from_slice(&wire[at..at + n]),
+                Step::Framing(_) => {}
+                Step::Trailer(_) | Step::End(_) => trailer.extend_from_slice(&wire[at..at + n]),
+            }
+            at += n;
+            if let Step::End(_) = step {
+                let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("ASCII");
+                return Ok((text(data), text(trailer), at));
+            }
+            if at == fed {
+                assert!(fed < wire.len(), "the body ended early");
+                fed = (fed + piece).min(wire.len());
+            }
+        }
+    }
+
+    #[test]
+    fn splits_data_framing_and_trailers_whatever_the_pieces() {
+        let mut wire = BODY.to_vec();
+        wire.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        for piece in 1..=wire.len() {
+            assert_eq!(
+                split(&wire, piece),
+                Ok((
+                    "helloabcdefghijklmnopqrstuvwxyz".to_owned(),
+                    "x-trailer: 1\r\n\r\n".to_owned(),
+                    BODY.len()
+                )),
+                "pieces of {piece}"
+            );
+        }
+        assert_eq!(
+            split(b"0\r\n\r\n", 5),
+            Ok((String::new(), "\r\n".to_owned(), 5))
+        );
+        assert_eq!(split(b"3\r\nabcX\r\n", 20), Err(ChunkError));
     }
 
     #[test]

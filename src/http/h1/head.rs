@@ -246,16 +246,17 @@ impl Routable for RequestHead<'_> {
 }
 
 /// A response head from the server, read whole.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Response {
+#[derive(Debug)]
+pub enum Response<'b, 'h> {
     /// An interim response (1xx but 101) of `len` bytes: dropped, as hyper
     /// does; the final one follows.
     Interim {
         len: usize,
     },
-    Final(ResponseHead),
+    Final(ServerHead<'b, 'h>),
 }
 
+/// What the rest of the exchange needs of a final response head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResponseHead {
     /// Bytes of the head, blank line included.
@@ -264,6 +265,16 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// The server keeps the connection open after this response.
     pub keep_alive: bool,
+}
+
+/// A final response head, borrowed from the server's bytes.
+#[derive(Debug)]
+pub struct ServerHead<'b, 'h> {
+    pub head: ResponseHead,
+    reason: Option<&'b str>,
+    headers: &'h [httparse::Header<'b>],
+    /// `Connection` lines: the headers they name are hop-by-hop too.
+    connection_lines: usize,
 }
 
 /// Why a response cannot be forwarded: the server connection is not reused and
@@ -284,18 +295,14 @@ pub enum BadResponse {
     Closed,
 }
 
-/// Parses a response head from `buf` (`None`: not complete yet). For a final
-/// response, writes the head for the client into `out`: the server's fields
-/// less the hop-by-hop ones, the framing, and `connection: close` with
-/// `close_client`. `head_request`: the request was HEAD, so no body follows.
-pub fn parse_response(
-    buf: &[u8],
+/// Parses a response head from `buf` (`None`: not complete yet) into
+/// `headers`. `head_request`: the request was HEAD, so no body follows.
+pub fn parse_response<'b, 'h>(
+    buf: &'b [u8],
+    headers: &'h mut [httparse::Header<'b>; MAX_HEADERS],
     head_request: bool,
-    close_client: bool,
-    out: &mut Vec<u8>,
-) -> Result<Option<Response>, BadResponse> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
+) -> Result<Option<Response<'b, 'h>>, BadResponse> {
+    let mut response = httparse::Response::new(headers);
     let len = match response.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -309,15 +316,16 @@ pub fn parse_response(
         100..=199 => return Ok(Some(Response::Interim { len })),
         _ => {}
     }
-    let headers: &[httparse::Header<'_>] = response.headers;
+    let reason = response.reason;
+    let headers: &'h [httparse::Header<'b>] = response.headers;
     let (mut close, mut keep) = (false, false);
     let mut chunked = None;
     let mut length = None;
-    let mut connection_values = 0;
+    let mut connection_lines = 0;
     for header in headers {
         let name = header.name;
         if name.eq_ignore_ascii_case("connection") {
-            connection_values += 1;
+            connection_lines += 1;
             for token in tokens(header.value) {
                 close |= token.eq_ignore_ascii_case(b"close");
                 keep |= token.eq_ignore_ascii_case(b"keep-alive");
@@ -352,58 +360,76 @@ pub fn parse_response(
     };
     // HTTP/1.0 keeps a connection only when it says so.
     let keep_alive = !close && (version == 1 || keep) && framing != Framing::Close;
-
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
-    out.push(b' ');
-    match response.reason {
-        Some(reason) if !reason.is_empty() => out.extend_from_slice(reason.as_bytes()),
-        _ => out.extend_from_slice(
-            http::StatusCode::from_u16(status)
-                .ok()
-                .and_then(|status| status.canonical_reason())
-                .unwrap_or("")
-                .as_bytes(),
-        ),
-    }
-    out.extend_from_slice(b"\r\n");
-    for header in headers {
-        let name = header.name;
-        let hop = name.eq_ignore_ascii_case("connection")
-            || name.eq_ignore_ascii_case("keep-alive")
-            || name.eq_ignore_ascii_case("proxy-connection")
-            || name.eq_ignore_ascii_case("transfer-encoding")
-            || name.eq_ignore_ascii_case("te")
-            || name.eq_ignore_ascii_case("upgrade")
-            || (connection_values > 0 && named_by_connection(headers, name));
-        // A length is written below, from the framing; HEAD and 304 keep the
-        // server's, which describes the body they do not carry.
-        let length = name.eq_ignore_ascii_case("content-length")
-            && (framing != Framing::Empty || status == 204);
-        if !hop && !length {
-            field(out, name.as_bytes(), header.value);
-        }
-    }
-    match framing {
-        Framing::Fixed(length) => field(
-            out,
-            b"content-length",
-            itoa::Buffer::new().format(length).as_bytes(),
-        ),
-        Framing::Chunked | Framing::Close => field(out, b"transfer-encoding", b"chunked"),
-        Framing::Empty => {}
-    }
-    if close_client {
-        field(out, b"connection", b"close");
-    }
-    out.extend_from_slice(b"\r\n");
-    Ok(Some(Response::Final(ResponseHead {
-        len,
-        status,
-        framing,
-        keep_alive,
+    Ok(Some(Response::Final(ServerHead {
+        head: ResponseHead {
+            len,
+            status,
+            framing,
+            keep_alive,
+        },
+        reason,
+        headers,
+        connection_lines,
     })))
+}
+
+impl ServerHead<'_, '_> {
+    /// The server's fields the client gets: all but the hop-by-hop ones and
+    /// the length, which the framing gives (HEAD and 304 keep the server's,
+    /// which describes the body they do not carry).
+    pub fn fields(&self) -> impl Iterator<Item = &httparse::Header<'_>> {
+        self.headers.iter().filter(|header| {
+            let name = header.name;
+            let hop = name.eq_ignore_ascii_case("connection")
+                || name.eq_ignore_ascii_case("keep-alive")
+                || name.eq_ignore_ascii_case("proxy-connection")
+                || name.eq_ignore_ascii_case("transfer-encoding")
+                || name.eq_ignore_ascii_case("te")
+                || name.eq_ignore_ascii_case("upgrade")
+                || (self.connection_lines > 0 && named_by_connection(self.headers, name));
+            let length = name.eq_ignore_ascii_case("content-length")
+                && (self.head.framing != Framing::Empty || self.head.status == 204);
+            !hop && !length
+        })
+    }
+
+    /// Writes the head for an HTTP/1.1 client into `out`: the status line, the
+    /// [`fields`](Self::fields), the framing, and `connection: close` with
+    /// `close_client`.
+    pub fn write_for_client(&self, out: &mut Vec<u8>, close_client: bool) {
+        let status = self.head.status;
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+        out.push(b' ');
+        match self.reason {
+            Some(reason) if !reason.is_empty() => out.extend_from_slice(reason.as_bytes()),
+            _ => out.extend_from_slice(
+                http::StatusCode::from_u16(status)
+                    .ok()
+                    .and_then(|status| status.canonical_reason())
+                    .unwrap_or("")
+                    .as_bytes(),
+            ),
+        }
+        out.extend_from_slice(b"\r\n");
+        for header in self.fields() {
+            field(out, header.name.as_bytes(), header.value);
+        }
+        match self.head.framing {
+            Framing::Fixed(length) => field(
+                out,
+                b"content-length",
+                itoa::Buffer::new().format(length).as_bytes(),
+            ),
+            Framing::Chunked | Framing::Close => field(out, b"transfer-encoding", b"chunked"),
+            Framing::Empty => {}
+        }
+        if close_client {
+            field(out, b"connection", b"close");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Whether a `Connection` line of `headers` names the header `name` (other
@@ -492,18 +518,42 @@ x-forwarded-host: engine:8080\r\nx-request-id: abc\r\n\r\n"
         );
     }
 
+    /// The parsed head as the tests compare it, and the head written for the client.
     fn response(
         wire: &[u8],
         head_request: bool,
-    ) -> (Result<Option<Response>, BadResponse>, String) {
+    ) -> (
+        Result<Option<Result<ResponseHead, usize>>, BadResponse>,
+        String,
+    ) {
+        response_closing(wire, head_request, false)
+    }
+
+    fn response_closing(
+        wire: &[u8],
+        head_request: bool,
+        close_client: bool,
+    ) -> (
+        Result<Option<Result<ResponseHead, usize>>, BadResponse>,
+        String,
+    ) {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut out = Vec::new();
-        let parsed = parse_response(wire, head_request, false, &mut out);
+        let parsed = parse_response(wire, &mut headers, head_request).map(|parsed| {
+            parsed.map(|response| match response {
+                Response::Final(head) => {
+                    head.write_for_client(&mut out, close_client);
+                    Ok(head.head)
+                }
+                Response::Interim { len } => Err(len),
+            })
+        });
         (parsed, String::from_utf8_lossy(&out).into_owned())
     }
 
     fn framing(wire: &[u8]) -> Result<(Framing, bool), BadResponse> {
         match response(wire, false).0? {
-            Some(Response::Final(head)) => Ok((head.framing, head.keep_alive)),
+            Some(Ok(head)) => Ok((head.framing, head.keep_alive)),
             other => panic!("{other:?}"),
         }
     }
@@ -570,7 +620,7 @@ x-forwarded-host: engine:8080\r\nx-request-id: abc\r\n\r\n"
         let wire = b"HTTP/1.1 200 Fine\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
 Transfer-Encoding: chunked\r\nUpgrade: h2c\r\nX-Engine: temporal\r\n\r\n";
         let (parsed, out) = response(wire, false);
-        assert!(matches!(parsed, Ok(Some(Response::Final(_)))));
+        assert!(matches!(parsed, Ok(Some(Ok(_)))));
         assert_eq!(
             out,
             "HTTP/1.1 200 Fine\r\nX-Engine: temporal\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -578,15 +628,10 @@ Transfer-Encoding: chunked\r\nUpgrade: h2c\r\nX-Engine: temporal\r\n\r\n";
         // HEAD keeps the server's length, which describes the body not sent.
         let (_, out) = response(b"HTTP/1.1 200 \r\nContent-Length: 5\r\n\r\n", true);
         assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
-        let mut out = Vec::new();
-        let _ = parse_response(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
-            false,
-            true,
-            &mut out,
-        );
+        let (_, out) =
+            response_closing(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false, true);
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            out,
             "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n"
         );
     }
@@ -594,9 +639,6 @@ Transfer-Encoding: chunked\r\nUpgrade: h2c\r\nX-Engine: temporal\r\n\r\n";
     #[test]
     fn interim_responses_are_told_apart() {
         let wire = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n";
-        assert_eq!(
-            response(wire, false).0,
-            Ok(Some(Response::Interim { len: 40 }))
-        );
+        assert_eq!(response(wire, false).0, Ok(Some(Err(40))));
     }
 }

@@ -20,24 +20,32 @@
 //! connection, which serves from there (see `http::server`). Retries, the
 //! response timeout, passive health, metrics and the access log behave as on
 //! hyper's path (`http::proxy`).
+//!
+//! The server side serves hyper's path too: a request hyper parsed (h2, or
+//! HTTP/1.1 handed over) without a body, to a backend spoken to in plain
+//! HTTP/1.1, is written from its header map and exchanged here, its response
+//! body read by the task that polls it (`to_server`).
 
 mod framing;
 mod head;
+mod to_server;
 
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use http::{HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+pub use self::framing::ChunkError;
 use self::framing::{ChunkedScanner, Framing};
 pub use self::head::BadResponse;
-use self::head::{MAX_HEADERS, Parsed, Response, ResponseHead};
+use self::head::{MAX_HEADERS, Parsed, Response, ResponseHead, ServerHead};
+pub use self::to_server::{ServerBody, send as send_parsed, takes as takes_parsed};
 use super::conn::ClientIo;
 use super::error::ProxyError;
 use super::headers::new_request_id;
@@ -116,9 +124,27 @@ where
             .requests
             .fetch_add(1, Ordering::Relaxed);
         let closing = plan.close || shutdown.is_cancelled();
-        let mut trace = Trace::default();
-        let exchanged =
-            std::pin::pin!(exchange(ctx, &plan, &mut buffers, closing, &mut trace)).await;
+        let mut trace = Attempts::default();
+        let exchanged = {
+            let Buffers {
+                request,
+                server,
+                reply,
+                ..
+            } = &mut buffers;
+            let outgoing = Outgoing {
+                backend: &plan.backend,
+                pick: PickContext {
+                    client: ctx.client.ip(),
+                    key: None,
+                },
+                replayable: plan.replayable,
+                head_request: plan.head_request,
+                request,
+            };
+            let write_head = |head: &ServerHead<'_, '_>| head.write_for_client(reply, closing);
+            std::pin::pin!(exchange(&outgoing, server, &mut trace, write_head)).await
+        };
         let ttfb = plan.log.as_ref().map(|log| log.started.elapsed());
         let (status, relayed) = match exchanged {
             Ok(exchanged) => (
@@ -159,7 +185,7 @@ struct Buffers {
     /// The request for the server: its head, and its body if any.
     request: Vec<u8>,
     /// What the server sent.
-    server: Vec<u8>,
+    server: BytesMut,
     /// What goes to the client next.
     reply: Vec<u8>,
 }
@@ -169,7 +195,7 @@ impl Default for Buffers {
         Buffers {
             client: Vec::with_capacity(CLIENT_BUFFER),
             request: Vec::with_capacity(1024),
-            server: Vec::with_capacity(SERVER_BUFFER),
+            server: BytesMut::with_capacity(SERVER_BUFFER),
             reply: Vec::with_capacity(1024),
         }
     }
@@ -283,11 +309,23 @@ fn within(buf: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
-/// What a request met on its way, for the access log.
+/// The servers a request was sent to, for the access log.
 #[derive(Debug, Default)]
-struct Trace {
-    server: Option<Arc<str>>,
-    retries: u32,
+pub struct Attempts {
+    /// The server of the last attempt.
+    pub server: Option<Arc<str>>,
+    pub retries: u32,
+}
+
+/// A request written for the server, and how to send it.
+struct Outgoing<'a> {
+    backend: &'a Backend,
+    pick: PickContext<'a>,
+    /// Idempotent and whole in `request`: may be sent again after the server
+    /// failed on it.
+    replayable: bool,
+    head_request: bool,
+    request: &'a [u8],
 }
 
 /// A response head received, and what the response holds until its end.
@@ -302,19 +340,24 @@ struct Exchanged {
 /// the same retries as hyper's path (`proxy::send`): after a connect failure,
 /// whatever the request; after a failed exchange or a 502/503, when the request
 /// is idempotent. A pooled connection found closed when the request could
-/// not be written is replaced by a new one, uncounted.
-async fn exchange(
-    ctx: &ConnContext,
-    plan: &Plan,
-    buffers: &mut Buffers,
-    closing: bool,
-    trace: &mut Trace,
-) -> Result<Exchanged, ProxyError> {
-    let backend = &plan.backend;
-    let pick = PickContext {
-        client: ctx.client.ip(),
-        key: None,
-    };
+/// not be written is replaced by a new one, uncounted. `write_head` gets the
+/// final response head, read into `server`; what follows it stays there.
+async fn exchange<F>(
+    outgoing: &Outgoing<'_>,
+    server: &mut BytesMut,
+    trace: &mut Attempts,
+    mut write_head: F,
+) -> Result<Exchanged, ProxyError>
+where
+    F: FnMut(&ServerHead<'_, '_>),
+{
+    let Outgoing {
+        backend,
+        ref pick,
+        replayable,
+        head_request,
+        request,
+    } = *outgoing;
     let mut retries_left = backend.config.retries;
     let mut failed: Option<Arc<Server>> = None;
     let mut fresh = false;
@@ -327,71 +370,72 @@ async fn exchange(
         true
     };
     loop {
-        let guard = std::pin::pin!(backend.acquire_retry(&pick, failed.as_ref())).await?;
-        let server = Arc::clone(guard.server());
-        trace.server = Some(Arc::clone(&server.name));
+        let guard = std::pin::pin!(backend.acquire_retry(pick, failed.as_ref())).await?;
+        let picked = Arc::clone(guard.server());
+        trace.server = Some(Arc::clone(&picked.name));
         trace.retries = backend.config.retries - retries_left;
-        let (mut stream, reused) = match server
+        let (mut stream, reused) = match picked
             .pool
             .checkout_stream(std::mem::take(&mut fresh))
             .await
         {
             Ok(checked_out) => checked_out,
             Err(err) => {
-                tracing::warn!(backend = %backend.name, server = %server.name, error = %err, "cannot connect to server");
+                tracing::warn!(backend = %backend.name, server = %picked.name, error = %err, "cannot connect to server");
                 backend.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
-                backend.record_failure(&server, &err.to_string());
+                backend.record_failure(&picked, &err.to_string());
                 if !retry(&mut retries_left) {
                     return Err(err.into());
                 }
-                failed = Some(server);
+                failed = Some(picked);
                 continue;
             }
         };
         let timeout = backend.config.timeouts.response;
         let sent = tokio::time::Instant::now();
         let result = {
-            let round_trip = round_trip(&mut stream, plan.head_request, closing, buffers);
+            let round_trip =
+                round_trip(&mut stream, request, server, head_request, &mut write_head);
             tokio::time::timeout_at(sent + timeout, round_trip).await
         };
         match result {
             Err(_) => {
                 // At least this slow: p2c should know.
-                server.state.record_response_time(timeout);
-                backend.record_failure(&server, "response timeout");
+                picked.state.record_response_time(timeout);
+                backend.record_failure(&picked, "response timeout");
                 return Err(ProxyError::ResponseTimeout(timeout));
             }
             Ok(Ok(head)) => {
                 let waited = sent.elapsed();
-                server.state.record_response_time(waited);
-                server.state.count_response(head.status);
+                picked.state.record_response_time(waited);
+                picked.state.count_response(head.status);
                 backend.stats.response_seconds.observe(waited);
                 if matches!(head.status, 502..=504) {
-                    backend.record_failure(&server, itoa::Buffer::new().format(head.status));
+                    backend.record_failure(&picked, itoa::Buffer::new().format(head.status));
                 } else {
-                    backend.record_success(&server);
+                    backend.record_success(&picked);
                 }
-                if matches!(head.status, 502 | 503) && plan.replayable && retry(&mut retries_left) {
-                    tracing::debug!(backend = %backend.name, server = %server.name, status = head.status, "retrying on another server");
-                    failed = Some(server);
+                if matches!(head.status, 502 | 503) && replayable && retry(&mut retries_left) {
+                    tracing::debug!(backend = %backend.name, server = %picked.name, status = head.status, "retrying on another server");
+                    failed = Some(picked);
                     continue;
                 }
                 return Ok(Exchanged {
                     stream,
                     guard,
                     head,
-                    server,
+                    server: picked,
                 });
             }
             Ok(Err(Failure::Unsent(_))) if reused => fresh = true,
-            Ok(Err(Failure::Closed)) if reused && plan.replayable => fresh = true,
+            Ok(Err(Failure::Closed)) if reused && replayable => fresh = true,
             Ok(Err(failure)) => {
                 let err = failure.into_error();
-                backend.record_failure(&server, &err.to_string());
-                if !(plan.replayable && retry(&mut retries_left)) {
+                backend.record_failure(&picked, &err.to_string());
+                if !(replayable && retry(&mut retries_left)) {
                     return Err(err);
                 }
-                failed = Some(server);
+                failed = Some(picked);
             }
         }
     }
@@ -417,29 +461,29 @@ impl Failure {
     }
 }
 
-/// Writes the request head and reads the final response head, writing it for
-/// the client into `buffers.reply`; what followed the head stays in
-/// `buffers.server`.
-async fn round_trip(
+/// Writes the request and reads the final response head into `server`,
+/// handing it to `write_head`; what followed the head stays in `server`.
+async fn round_trip<F>(
     stream: &mut TcpStream,
+    request: &[u8],
+    server: &mut BytesMut,
     head_request: bool,
-    closing: bool,
-    buffers: &mut Buffers,
-) -> Result<ResponseHead, Failure> {
-    stream
-        .write_all(&buffers.request)
-        .await
-        .map_err(Failure::Unsent)?;
-    buffers.server.clear();
+    write_head: &mut F,
+) -> Result<ResponseHead, Failure>
+where
+    F: FnMut(&ServerHead<'_, '_>),
+{
+    stream.write_all(request).await.map_err(Failure::Unsent)?;
+    server.clear();
     let mut received = false;
     loop {
-        if buffers.server.len() == buffers.server.capacity() {
-            if buffers.server.len() >= MAX_RESPONSE_HEAD {
+        if server.len() == server.capacity() {
+            if server.len() >= MAX_RESPONSE_HEAD {
                 return Err(Failure::Bad(BadResponse::TooLarge(MAX_RESPONSE_HEAD)));
             }
-            buffers.server.reserve(buffers.server.len());
+            server.reserve(server.len().max(SERVER_BUFFER));
         }
-        let count = stream.read_buf(&mut buffers.server).await.map_err(|err| {
+        let count = stream.read_buf(server).await.map_err(|err| {
             if received {
                 Failure::Io(err)
             } else {
@@ -455,15 +499,14 @@ async fn round_trip(
         }
         received = true;
         loop {
-            let response =
-                head::parse_response(&buffers.server, head_request, closing, &mut buffers.reply)
-                    .map_err(Failure::Bad)?;
-            match response {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match head::parse_response(server, &mut headers, head_request).map_err(Failure::Bad)? {
                 None => break,
-                Some(Response::Final(head)) => return Ok(head),
-                Some(Response::Interim { len }) => {
-                    buffers.server.drain(..len);
+                Some(Response::Final(head)) => {
+                    write_head(&head);
+                    return Ok(head.head);
                 }
+                Some(Response::Interim { len }) => server.advance(len),
             }
         }
     }
@@ -643,7 +686,7 @@ fn write_log(
     plan: &Plan,
     buffers: &Buffers,
     log: LogStart,
-    trace: Trace,
+    trace: Attempts,
     status: u16,
     ttfb: Option<Duration>,
     bytes: Option<u64>,
