@@ -133,6 +133,26 @@ fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
         .filter(|token| !token.is_empty())
 }
 
+/// Joins the `Cookie` fields an HTTP/2 client may split (one per cookie) into
+/// one, for an HTTP/1.1 server (RFC 9113 8.2.3).
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    let (Some(_), Some(_)) = (cookies.next(), cookies.next()) else {
+        return;
+    };
+    let mut joined = Vec::new();
+    for cookie in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(cookie.as_bytes());
+    }
+    // Joined from valid values with "; ", the result is valid too.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// Whether a request is its connection's last, as its client asked: HTTP/1.1
 /// with `Connection: close`, HTTP/1.0 without `Connection: keep-alive`.
 pub fn closes_connection(version: Version, headers: &HeaderMap) -> bool {
@@ -288,6 +308,17 @@ fn hex(mut value: u64, out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_cookies_are_joined_in_order() {
+        let mut map = headers(&[("cookie", "a=1"), ("x-tenant", "acme"), ("cookie", "b=2")]);
+        join_cookies(&mut map);
+        let cookies: Vec<_> = map.get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["a=1; b=2"]);
+        let mut one = headers(&[("cookie", "a=1; b=2")]);
+        join_cookies(&mut one);
+        assert_eq!(one.get("cookie").expect("cookie"), "a=1; b=2");
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

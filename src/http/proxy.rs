@@ -22,7 +22,8 @@ use super::error::ProxyError;
 use super::h1::{self, Attempts};
 use super::hash_key::RequestKey;
 use super::headers::{
-    closes_connection, ensure_request_id, is_upgrade_request, set_forwarded, strip_hop_by_hop,
+    closes_connection, ensure_request_id, is_upgrade_request, join_cookies, set_forwarded,
+    strip_hop_by_hop,
 };
 use crate::access_log::{AccessLog, HttpEntry};
 use crate::balance::PickContext;
@@ -203,6 +204,9 @@ fn forward(
                     .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
             });
             strip_hop_by_hop(&mut parts.headers, tunnel);
+            if parts.version == Version::HTTP_2 && backend.config.protocol == Protocol::Http1 {
+                join_cookies(&mut parts.headers);
+            }
             // Room for what is added below (X-Forwarded-For, -Proto, -Host,
             // X-Request-Id, Host): the map grows at most once.
             parts.headers.reserve(5);

@@ -94,8 +94,7 @@ pub async fn send(
 }
 
 /// Writes the request for an HTTP/1.1 server: request line, fields as the map
-/// holds them (h2's split `cookie` fields joined into one, RFC 9113 8.2.3),
-/// and `content-length: 0` where a server may expect a length.
+/// holds them, and `content-length: 0` where a server may expect a length.
 fn write_request(request: &http::request::Parts, out: &mut Vec<u8>) {
     out.extend_from_slice(request.method.as_str().as_bytes());
     out.push(b' ');
@@ -105,23 +104,7 @@ fn write_request(request: &http::request::Parts, out: &mut Vec<u8>) {
         .map_or("/", |path| path.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut cookies_written = false;
     for (name, value) in &request.headers {
-        if name == header::COOKIE {
-            if cookies_written {
-                continue;
-            }
-            cookies_written = true;
-            out.extend_from_slice(b"cookie: ");
-            for (i, cookie) in request.headers.get_all(header::COOKIE).iter().enumerate() {
-                if i > 0 {
-                    out.extend_from_slice(b"; ");
-                }
-                out.extend_from_slice(cookie.as_bytes());
-            }
-            out.extend_from_slice(b"\r\n");
-            continue;
-        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -348,20 +331,6 @@ mod tests {
         assert_eq!(
             written(request),
             "GET /workflows?page=2 HTTP/1.1\r\nhost: engine\r\nx-tenant: acme\r\n\r\n"
-        );
-    }
-
-    #[test]
-    fn joins_the_cookie_fields_of_an_h2_request() {
-        let request = http::Request::get("/")
-            .header("cookie", "a=1")
-            .header("host", "engine")
-            .header("cookie", "b=2")
-            .body(())
-            .expect("request");
-        assert_eq!(
-            written(request),
-            "GET / HTTP/1.1\r\ncookie: a=1; b=2\r\nhost: engine\r\n\r\n"
         );
     }
 
