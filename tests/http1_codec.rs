@@ -606,31 +606,34 @@ async fn small_bodies_are_forwarded_whole_and_others_go_to_hyper_on_the_same_con
     proxy.shutdown(Duration::from_secs(1)).await;
 }
 
+/// 1 MiB answers for the n-th request: by length (even n) or chunked, in
+/// pieces of odd sizes.
+fn large_answer(body: &[u8], n: usize) -> Vec<Vec<u8>> {
+    let mut pieces = Vec::new();
+    if n % 2 == 0 {
+        pieces.push(
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes(),
+        );
+        pieces.extend(body.chunks(70_001).map(<[u8]>::to_vec));
+    } else {
+        pieces.push(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec());
+        for chunk in body.chunks(33_333) {
+            let mut piece = format!("{:x}\r\n", chunk.len()).into_bytes();
+            piece.extend_from_slice(chunk);
+            piece.extend_from_slice(b"\r\n");
+            pieces.push(piece);
+        }
+        pieces.push(b"0\r\n\r\n".to_vec());
+    }
+    pieces
+}
+
 #[tokio::test]
 async fn a_large_body_arrives_intact_by_length_and_chunked() {
     // 1 MiB of a pattern, in pieces of odd sizes, by length and chunked.
     let body: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
     let expected = body.clone();
-    let origin = ScriptedOrigin::start(move |n, _| {
-        let mut pieces = Vec::new();
-        if n % 2 == 0 {
-            pieces.push(
-                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes(),
-            );
-            pieces.extend(body.chunks(70_001).map(<[u8]>::to_vec));
-        } else {
-            pieces.push(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec());
-            for chunk in body.chunks(33_333) {
-                let mut piece = format!("{:x}\r\n", chunk.len()).into_bytes();
-                piece.extend_from_slice(chunk);
-                piece.extend_from_slice(b"\r\n");
-                pieces.push(piece);
-            }
-            pieces.push(b"0\r\n\r\n".to_vec());
-        }
-        (pieces, After::KeepOpen)
-    })
-    .await;
+    let origin = ScriptedOrigin::start(move |n, _| (large_answer(&body, n), After::KeepOpen)).await;
     let proxy = proxy_for(&origin, "").await;
     let addr = proxy.local_addr("web").expect("bound");
 
@@ -840,26 +843,7 @@ async fn h2_clients_get_502_for_bad_answers_and_never_notice_a_closed_pooled_con
 async fn h2_large_bodies_arrive_intact_by_length_and_chunked() {
     let body: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
     let expected = body.clone();
-    let origin = ScriptedOrigin::start(move |n, _| {
-        let mut pieces = Vec::new();
-        if n % 2 == 0 {
-            pieces.push(
-                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes(),
-            );
-            pieces.extend(body.chunks(70_001).map(<[u8]>::to_vec));
-        } else {
-            pieces.push(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec());
-            for chunk in body.chunks(33_333) {
-                let mut piece = format!("{:x}\r\n", chunk.len()).into_bytes();
-                piece.extend_from_slice(chunk);
-                piece.extend_from_slice(b"\r\n");
-                pieces.push(piece);
-            }
-            pieces.push(b"0\r\n\r\n".to_vec());
-        }
-        (pieces, After::KeepOpen)
-    })
-    .await;
+    let origin = ScriptedOrigin::start(move |n, _| (large_answer(&body, n), After::KeepOpen)).await;
     let proxy = proxy_for(&origin, "").await;
     let addr = proxy.local_addr("web").expect("bound");
     let client = common::h2c_client();

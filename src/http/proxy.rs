@@ -483,7 +483,7 @@ fn copy_head(request: &Request<RequestBody>) -> Request<RequestBody> {
 }
 
 /// Methods whose repetition has no further effect (RFC 9110 9.2.2).
-fn is_idempotent(method: &Method) -> bool {
+pub(super) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE

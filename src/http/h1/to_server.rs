@@ -28,6 +28,7 @@ use crate::balance::PickContext;
 use crate::config::Protocol;
 use crate::http::body::{BodyError, RequestBody, ResponseBody};
 use crate::http::error::ProxyError;
+use crate::http::proxy;
 use crate::upstream::{Backend, InFlightGuard, Server};
 
 /// The least room a body read gets.
@@ -55,7 +56,7 @@ pub async fn send(
     let outgoing = Outgoing {
         backend,
         pick,
-        replayable: is_idempotent(&request.method),
+        replayable: proxy::is_idempotent(&request.method),
         head_request: request.method == Method::HEAD,
         request: &wire,
     };
@@ -157,14 +158,6 @@ fn trailers(section: &[u8]) -> Option<HeaderMap> {
         }
     }
     (!map.is_empty()).then_some(map)
-}
-
-/// Methods whose repetition has no further effect (RFC 9110 9.2.2).
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// A response body read from the server's socket as it is polled, split into
