@@ -587,6 +587,7 @@ where
 }
 
 /// A response body on its way, as its framing delimits it.
+#[derive(Debug)]
 struct Body {
     framing: Framing,
     /// Bytes left of a `Fixed` body.

@@ -21,9 +21,9 @@ use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use super::framing::{ChunkError, ChunkedScanner, Framing, Step};
+use super::framing::{ChunkError, Framing, Step};
 use super::head::{BadResponse, MAX_HEADERS, ServerHead};
-use super::{Attempts, Exchanged, MAX_RESPONSE_HEAD, Outgoing, SERVER_BUFFER, exchange};
+use super::{Attempts, Body, Exchanged, MAX_RESPONSE_HEAD, Outgoing, SERVER_BUFFER, exchange};
 use crate::balance::PickContext;
 use crate::config::Protocol;
 use crate::http::body::{BodyError, RequestBody, ResponseBody};
@@ -79,12 +79,7 @@ pub async fn send(
     let body = ServerBody {
         stream: Some(stream),
         buf: server,
-        framing: head.framing,
-        left: match head.framing {
-            Framing::Fixed(length) => length,
-            _ => 0,
-        },
-        chunks: ChunkedScanner::default(),
+        body: Body::new(head.framing),
         trailer: Vec::new(),
         reusable: head.keep_alive,
         ended: false,
@@ -168,10 +163,8 @@ pub struct ServerBody {
     stream: Option<TcpStream>,
     /// What was read from the server and not yet passed on.
     buf: BytesMut,
-    framing: Framing,
-    /// Bytes left of a `Fixed` body.
-    left: u64,
-    chunks: ChunkedScanner,
+    /// Where the body ends: its framing and how far it has come.
+    body: Body,
     /// A chunked body's trailer section, when it came in pieces (at most
     /// `MAX_RESPONSE_HEAD` bytes).
     trailer: Vec<u8>,
@@ -195,48 +188,45 @@ impl ServerBody {
             if self.ended {
                 return Poll::Ready(None);
             }
-            match self.framing {
+            match self.body.framing {
                 Framing::Empty => self.ended = true,
-                Framing::Fixed(_) if self.left == 0 => self.ended = true,
-                Framing::Fixed(_) if !self.buf.is_empty() => {
-                    let take = self
-                        .buf
-                        .len()
-                        .min(usize::try_from(self.left).unwrap_or(usize::MAX));
-                    self.left -= take as u64;
-                    return Poll::Ready(Some(Ok(Frame::data(self.buf.split_to(take).freeze()))));
+                Framing::Fixed(_) if self.body.left == 0 => self.ended = true,
+                Framing::Fixed(_) | Framing::Close if !self.buf.is_empty() => {
+                    // All of it for a body the close ends, at most what is
+                    // left of a fixed-length one (`take` fails on chunked only).
+                    let taken = self.body.take(&self.buf).map_or(0, |(taken, _)| taken);
+                    return Poll::Ready(Some(Ok(Frame::data(self.buf.split_to(taken).freeze()))));
                 }
-                Framing::Chunked if !self.buf.is_empty() => match self.chunks.step(&self.buf) {
-                    Ok(Step::Data(take)) => {
-                        return Poll::Ready(Some(Ok(Frame::data(
-                            self.buf.split_to(take).freeze(),
-                        ))));
-                    }
-                    Ok(Step::Framing(skip)) => self.buf.advance(skip),
-                    Ok(Step::Trailer(len)) => {
-                        if self.trailer.len() + len > MAX_RESPONSE_HEAD {
-                            return Poll::Ready(Some(Err(self.fail(ChunkError.into()))));
+                Framing::Chunked if !self.buf.is_empty() => {
+                    match self.body.chunks.step(&self.buf) {
+                        Ok(Step::Data(take)) => {
+                            return Poll::Ready(Some(Ok(Frame::data(
+                                self.buf.split_to(take).freeze(),
+                            ))));
                         }
-                        self.trailer.extend_from_slice(&self.buf[..len]);
-                        self.buf.advance(len);
-                    }
-                    Ok(Step::End(len)) => {
-                        self.ended = true;
-                        let trailers = if self.trailer.is_empty() {
-                            trailers(&self.buf[..len])
-                        } else {
+                        Ok(Step::Framing(skip)) => self.buf.advance(skip),
+                        Ok(Step::Trailer(len)) => {
+                            if self.trailer.len() + len > MAX_RESPONSE_HEAD {
+                                return Poll::Ready(Some(Err(self.fail(ChunkError.into()))));
+                            }
                             self.trailer.extend_from_slice(&self.buf[..len]);
-                            trailers(&self.trailer)
-                        };
-                        self.buf.advance(len);
-                        if let Some(trailers) = trailers {
-                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                            self.buf.advance(len);
                         }
+                        Ok(Step::End(len)) => {
+                            self.ended = true;
+                            let trailers = if self.trailer.is_empty() {
+                                trailers(&self.buf[..len])
+                            } else {
+                                self.trailer.extend_from_slice(&self.buf[..len]);
+                                trailers(&self.trailer)
+                            };
+                            self.buf.advance(len);
+                            if let Some(trailers) = trailers {
+                                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                            }
+                        }
+                        Err(err) => return Poll::Ready(Some(Err(self.fail(err.into())))),
                     }
-                    Err(err) => return Poll::Ready(Some(Err(self.fail(err.into())))),
-                },
-                Framing::Close if !self.buf.is_empty() => {
-                    return Poll::Ready(Some(Ok(Frame::data(self.buf.split().freeze()))));
                 }
                 Framing::Fixed(_) | Framing::Chunked | Framing::Close => {
                     if let Some(err) = ready!(self.poll_read(cx)) {
@@ -259,7 +249,7 @@ impl ServerBody {
             cx,
             &mut self.buf
         )) {
-            Ok(0) if self.framing == Framing::Close => {
+            Ok(0) if self.body.framing == Framing::Close => {
                 self.ended = true;
                 self.reusable = false;
                 Poll::Ready(None)
@@ -279,13 +269,13 @@ impl ServerBody {
 
     /// No data is left to read (hyper may then not poll the body at all).
     pub fn is_end_stream(&self) -> bool {
-        self.ended || self.framing == Framing::Empty || self.framing == Framing::Fixed(0)
+        self.ended || matches!(self.body.framing, Framing::Empty | Framing::Fixed(0))
     }
 
     pub fn size_hint(&self) -> SizeHint {
-        match self.framing {
+        match self.body.framing {
             Framing::Empty => SizeHint::with_exact(0),
-            Framing::Fixed(_) => SizeHint::with_exact(self.left),
+            Framing::Fixed(_) => SizeHint::with_exact(self.body.left),
             Framing::Chunked | Framing::Close => SizeHint::default(),
         }
     }
